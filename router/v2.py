@@ -1,0 +1,311 @@
+"""The SMM panel API v2 wire format, shared by the server and the upstream client (no I/O).
+
+Strict on what we emit (status words, error strings, money as strings with at most five
+decimals, IDs as ints), tolerant on what we accept from upstreams (numbers as strings, ints or
+floats; British spellings; PHP notices before the JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any, Final
+
+# --- Error messages we emit (panels match on substrings: keep the spellings) -------------------
+
+INVALID_KEY: Final = "Invalid API key"
+INCORRECT_REQUEST: Final = "Incorrect request"
+INCORRECT_SERVICE: Final = "Incorrect service ID"
+INCORRECT_ORDER: Final = "Incorrect order ID"
+NOT_ENOUGH_FUNDS: Final = "Not enough funds on balance"
+INCORRECT_LINK: Final = "Incorrect link"
+REFILL_DISABLED: Final = "Refill is disabled for this service"
+CANCEL_DISABLED: Final = "Cancel is disabled for this service"
+REFILL_NOT_FOUND: Final = "Refill not found"
+TOO_MANY_IDS: Final = "Too many IDs: at most 100 per request"
+UNAVAILABLE: Final = "Service temporarily unavailable"
+
+
+def quantity_below(minimum: int) -> str:
+    return f"Quantity less than minimal {minimum}"
+
+
+def quantity_above(maximum: int) -> str:
+    return f"Quantity more than maximal {maximum}"
+
+
+class V2Error(Exception):
+    """A v2 error answer: `{"error": message}` on HTTP 200."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- Limits on input ----------------------------------------------------------------------------
+
+MAX_IDS_PER_REQUEST: Final = 100
+MAX_LINK_LENGTH: Final = 2048
+MAX_ID: Final = 2**53 - 1  # IDs must survive JavaScript clients as numbers
+MAX_QUANTITY: Final = 1_000_000_000
+MAX_BODY_BYTES: Final = 1024 * 1024
+
+# --- Status words --------------------------------------------------------------------------------
+
+PENDING: Final = "Pending"
+IN_PROGRESS: Final = "In progress"
+PROCESSING: Final = "Processing"
+COMPLETED: Final = "Completed"
+PARTIAL: Final = "Partial"
+CANCELED: Final = "Canceled"
+ORDER_STATUSES: Final = (PENDING, IN_PROGRESS, PROCESSING, COMPLETED, PARTIAL, CANCELED)
+FINAL_STATUSES: Final = frozenset({COMPLETED, PARTIAL, CANCELED})
+
+REJECTED: Final = "Rejected"
+REFILL_STATUSES: Final = (PENDING, IN_PROGRESS, COMPLETED, REJECTED)
+
+_SPACES = re.compile(r"[\s_\-]+")
+
+# Keys are upstream words folded by `_fold` (lower case, no spaces, underscores or dashes).
+_ORDER_WORDS: Final[dict[str, str]] = {
+    "pending": PENDING,
+    "inprogress": IN_PROGRESS,
+    "processing": PROCESSING,
+    "completed": COMPLETED,
+    "complete": COMPLETED,
+    "partial": PARTIAL,
+    "canceled": CANCELED,
+    "cancelled": CANCELED,
+    "cancel": CANCELED,
+    "refunded": CANCELED,
+    "fail": CANCELED,
+    "failed": CANCELED,
+    "error": CANCELED,
+}
+_REFILL_WORDS: Final[dict[str, str]] = {
+    "pending": PENDING,
+    "inprogress": IN_PROGRESS,
+    "processing": IN_PROGRESS,
+    "completed": COMPLETED,
+    "complete": COMPLETED,
+    "rejected": REJECTED,
+    "canceled": REJECTED,
+    "cancelled": REJECTED,
+    "fail": REJECTED,
+    "failed": REJECTED,
+    "error": REJECTED,
+}
+
+
+def _fold(word: object) -> str:
+    return _SPACES.sub("", str(word)).lower()
+
+
+def normalise_status(word: object) -> str | None:
+    """An upstream order status word as one of ORDER_STATUSES, or None when unknown."""
+    if not isinstance(word, str):
+        return None
+    return _ORDER_WORDS.get(_fold(word))
+
+
+def normalise_refill_status(word: object) -> str | None:
+    """An upstream refill status word as one of REFILL_STATUSES, or None when unknown."""
+    if not isinstance(word, str):
+        return None
+    return _REFILL_WORDS.get(_fold(word))
+
+
+# --- Money ---------------------------------------------------------------------------------------
+# Money lives in the database as integers of MINOR units (1e-5 of the currency), the precision
+# panels display, so what a reseller sees is exactly what the ledger holds.
+
+MONEY_PLACES: Final = 5
+MINOR_PER_UNIT: Final = 10**MONEY_PLACES
+_QUANTUM: Final = Decimal(1).scaleb(-MONEY_PLACES)
+
+
+def to_minor(amount: Decimal) -> int:
+    """Round an amount half-up to MINOR units."""
+    return int((amount * MINOR_PER_UNIT).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def from_minor(minor: int) -> Decimal:
+    return (Decimal(minor) / MINOR_PER_UNIT).quantize(_QUANTUM)
+
+
+def format_money(amount: Decimal | int) -> str:
+    """Money as panels show it: a string with two to five decimals ("0.90", "0.27819").
+
+    An int is taken as MINOR units.
+    """
+    value = from_minor(amount) if isinstance(amount, int) else amount.quantize(_QUANTUM)
+    text = f"{value:f}"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"{whole}.{frac}"
+
+
+def order_charge(rate: Decimal, quantity: int) -> int:
+    """What `quantity` units cost at `rate` per 1000, in MINOR units."""
+    return to_minor(rate * quantity / 1000)
+
+
+# --- Tolerant parsing of upstream values ---------------------------------------------------------
+
+
+def parse_decimal(value: object) -> Decimal | None:
+    """A number sent as a string, int or float, as an exact Decimal; None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        value = repr(value)  # the shortest string that round-trips: 0.08011655652 stays so
+    if isinstance(value, int | str):
+        try:
+            result = Decimal(str(value).strip())
+        except InvalidOperation:
+            return None
+        return result if result.is_finite() else None
+    return None
+
+
+def parse_int(value: object) -> int | None:
+    """An integer sent as a string, int or integral float; None if it is not one."""
+    number = parse_decimal(value)
+    if number is None or number != number.to_integral_value():
+        return None
+    return int(number)
+
+
+def extract_json(body: str) -> Any:
+    """The JSON document of an upstream body, or raise ValueError.
+
+    Survives a UTF-8 BOM and PHP notices printed before the JSON: the JSON that ends the body
+    is the answer.
+    """
+    text = body.lstrip("\ufeff").strip()
+    if not text:
+        raise ValueError("empty body")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", text):
+        try:
+            value, end = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if not text[end:].strip():
+            return value
+    raise ValueError("no JSON document at the end of the body")
+
+
+# --- Strict parsing of reseller input ------------------------------------------------------------
+
+_PLAIN_INT = re.compile(r"[0-9]{1,16}")
+
+
+def parse_plain_int(value: str | None, *, maximum: int) -> int | None:
+    """A plain decimal integer from 0 to `maximum` (no sign, no spaces inside), else None."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not _PLAIN_INT.fullmatch(text):
+        return None
+    number = int(text)
+    return number if number <= maximum else None
+
+
+def parse_id(value: str | None) -> int | None:
+    """A positive ID as sent by a reseller, or None."""
+    number = parse_plain_int(value, maximum=MAX_ID)
+    return number if number else None
+
+
+def parse_id_list(value: str | None) -> list[tuple[str, int | None]]:
+    """A comma-separated list of IDs: (the ID as sent, the ID or None when malformed).
+
+    Raise V2Error for an empty list or more than MAX_IDS_PER_REQUEST.
+    """
+    if value is None or not value.strip():
+        raise V2Error(INCORRECT_REQUEST)
+    tokens = [token.strip() for token in value.split(",")]
+    tokens = [token for token in tokens if token]
+    if not tokens:
+        raise V2Error(INCORRECT_REQUEST)
+    if len(tokens) > MAX_IDS_PER_REQUEST:
+        raise V2Error(TOO_MANY_IDS)
+    return [(token, parse_id(token)) for token in tokens]
+
+
+def check_link(link: str | None) -> str:
+    """A link as resellers send it (a URL or a username), or raise V2Error(INCORRECT_LINK)."""
+    if link is None:
+        raise V2Error(INCORRECT_LINK)
+    link = link.strip()
+    too_long = len(link) > MAX_LINK_LENGTH
+    if not link or too_long or any(ord(ch) < 32 or ord(ch) == 127 for ch in link):
+        raise V2Error(INCORRECT_LINK)
+    return link
+
+
+def non_empty_lines(text: str) -> list[str]:
+    """Lines of a `comments` or `usernames` field (`\\n` or `\\r\\n`), blank ones dropped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# --- Service types -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceType:
+    """What `add` takes for one service type, and how its quantity is counted.
+
+    quantity: "param" (the `quantity` parameter), "flat" (charged the rate once), or the name of
+    the parameter whose non-empty lines are counted.
+    """
+
+    name: str
+    params: tuple[str, ...]  # required besides key, action, service, link
+    quantity: str = "param"
+    link: bool = True
+    dripfeed: bool = False
+    one_of: tuple[str, ...] = ()  # at least one of these is required too
+    optional: tuple[str, ...] = ()
+
+
+SERVICE_TYPES: Final[dict[str, ServiceType]] = {
+    t.name: t
+    for t in (
+        ServiceType("Default", (), dripfeed=True),
+        ServiceType("Package", (), quantity="flat"),
+        ServiceType("Custom Comments", ("comments",), quantity="comments"),
+        ServiceType("Custom Comments Package", ("comments",), quantity="flat"),
+        ServiceType("Mentions", ("usernames",)),
+        ServiceType("Mentions with Hashtags", ("usernames", "hashtags")),
+        ServiceType("Mentions Custom List", ("usernames",), quantity="usernames"),
+        ServiceType("Mentions Hashtag", ("hashtag",)),
+        ServiceType("Mentions User Followers", ("username",)),
+        ServiceType("Mentions Media Likers", ("media",)),
+        ServiceType("Comment Likes", ("username",)),
+        ServiceType("Comment Replies", ("username", "comments"), quantity="comments"),
+        ServiceType("Poll", ("answer_number",)),
+        ServiceType("SEO", ("keywords",)),
+        ServiceType("Invites from Groups", ("groups",)),
+        ServiceType(
+            "Web Traffic",
+            ("country", "device", "type_of_traffic"),
+            dripfeed=True,
+            one_of=("google_keyword", "referring_url"),
+        ),
+        ServiceType(
+            "Subscriptions",
+            ("username", "min", "max", "posts", "old_posts", "delay", "expiry"),
+            quantity="flat",
+            link=False,
+        ),
+    )
+}
+UNSUPPORTED_TYPES: Final = frozenset({"Subscriptions"})  # per-post billing: a later release
