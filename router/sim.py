@@ -1,0 +1,603 @@
+"""A simulated upstream v2 provider on loopback, with faults on demand (tests and demo only)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import hmac
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Final
+
+from aiohttp import web
+
+from router import v2
+from router.v2 import V2Error
+
+REFUSAL: Final = "You have active order with this link. Please wait until order being completed."
+CANNOT_CANCEL: Final = "Order cannot be canceled: it is already final"
+REFILL_UNAVAILABLE: Final = "Refill is available only for completed orders"
+PENDING_SHARE: Final = 0.1  # the first 10% of progress_seconds an order (or refill) stays Pending
+CLOUDFLARE_502: Final = """<html>
+<head><title>502 Bad Gateway</title></head>
+<body>
+<center><h1>502 Bad Gateway</h1></center>
+<hr><center>cloudflare</center>
+</body>
+</html>
+"""
+
+
+class Fault(StrEnum):
+    """What `add` does instead of its normal answer; "down" is SimProvider.stop()."""
+
+    REFUSE = "refuse"  # a definite refusal: nothing created
+    NO_FUNDS = "no_funds"  # "Not enough funds on balance": nothing created
+    HTML_502 = "html502"  # HTTP 502 with a CDN's HTML page: nothing created
+    SLOW = "slow"  # sleeps slow_seconds, then creates the order: a client timeout is ambiguous
+    RESET = "reset"  # TCP reset without an answer: nothing created
+    FLAKY = "flaky"  # at random (seeded): normal, refuse, html502 or slow
+
+
+_FLAKY_CHOICES: Final = (None, Fault.REFUSE, Fault.HTML_502, Fault.SLOW)
+
+
+_CATALOGUE: Final = (  # name, category, rate, min, max of each type, in v2.SERVICE_TYPES order
+    ("Instagram Followers [Real, 30 days refill]", "Instagram Followers", "0.50", 10, 100000),
+    ("Instagram Likes Package [1000 likes]", "Instagram Likes", "2.40", 1, 1),
+    ("Instagram Custom Comments", "Instagram Comments", "12.00", 1, 10000),
+    ("Instagram Custom Comments Package [10]", "Instagram Comments", "1.80", 1, 1),
+    ("Instagram Mentions [Your usernames]", "Instagram Mentions", "3.00", 10, 50000),
+    ("Instagram Mentions [With hashtags]", "Instagram Mentions", "3.50", 10, 50000),
+    ("Instagram Mentions [Custom list]", "Instagram Mentions", "4.00", 1, 10000),
+    ("Instagram Mentions [Users of a hashtag]", "Instagram Mentions", "2.80", 10, 50000),
+    ("Instagram Mentions [Followers of a user]", "Instagram Mentions", "2.60", 10, 50000),
+    ("Instagram Mentions [Likers of a post]", "Instagram Mentions", "2.60", 10, 50000),
+    ("Instagram Comment Likes", "Instagram Comments", "1.20", 10, 20000),
+    ("Instagram Comment Replies [Custom]", "Instagram Comments", "9.00", 1, 10000),
+    ("Instagram Story Poll Votes", "Instagram Story", "0.80", 10, 100000),
+    ("Website SEO Traffic [Keywords]", "Website Traffic", "5.00", 10, 10000),
+    ("Telegram Members [Invites from groups]", "Telegram", "1.50", 10, 50000),
+    ("Website Traffic [Worldwide, Google referrer]", "Website Traffic", "0.30", 10, 1000000),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SimService:
+    service: int
+    name: str
+    type: str
+    category: str
+    rate: Decimal
+    min: int
+    max: int
+    refill: bool
+    cancel: bool
+    dripfeed: bool
+
+
+def default_catalogue() -> list[SimService]:
+    """One service per supported v2 type, IDs 101, 102, ... in v2.SERVICE_TYPES order."""
+    types = [name for name in v2.SERVICE_TYPES if name not in v2.UNSUPPORTED_TYPES]
+    return [
+        SimService(
+            service=101 + index,
+            name=name,
+            type=kind,
+            category=category,
+            rate=Decimal(rate),
+            min=minimum,
+            max=maximum,
+            refill=True,
+            cancel=True,
+            dripfeed=v2.SERVICE_TYPES[kind].dripfeed,
+        )
+        for index, (kind, (name, category, rate, minimum, maximum)) in enumerate(
+            zip(types, _CATALOGUE, strict=True)
+        )
+    ]
+
+
+@dataclass
+class Received:
+    action: str
+    params: dict[str, str]  # everything sent but the key
+    at: float  # the simulator's clock (SimProvider.now())
+
+
+@dataclass
+class SimOrder:
+    """One order; its status, remains and charge follow the simulator's clock."""
+
+    id: int
+    service: int
+    link: str
+    quantity: int  # the total charged quantity (runs x quantity for drip-feed)
+    cost: Decimal  # the full charge taken at `add`
+    created_at: float
+    clock: Callable[[], float] = field(repr=False, compare=False)  # SimProvider.now
+    duration: float = field(repr=False, compare=False)  # progress_seconds
+    partial_remains: int = 0  # what stays undelivered at the end; 0: it ends Completed
+    canceled_at: float | None = None
+    canceled_remains: int = 0
+
+    @property
+    def start_count(self) -> int:
+        return (self.id * 7919) % 9000 + 100
+
+    def snapshot(self, now: float) -> tuple[str, int, Decimal]:
+        """(status, remains, charge) at `now`; the charge covers only what was delivered."""
+        if self.canceled_at is not None:
+            remains = self.canceled_remains
+            word = v2.CANCELED if remains == self.quantity else v2.PARTIAL
+            return word, remains, self.cost_of(self.quantity - remains)
+        elapsed = now - self.created_at
+        if elapsed < PENDING_SHARE * self.duration:
+            return v2.PENDING, self.quantity, self.cost
+        target = self.quantity - self.partial_remains
+        if elapsed < self.duration:
+            share = (elapsed - PENDING_SHARE * self.duration) / (
+                (1 - PENDING_SHARE) * self.duration
+            )
+            return v2.IN_PROGRESS, self.quantity - int(target * share), self.cost
+        if self.partial_remains:
+            return v2.PARTIAL, self.partial_remains, self.cost_of(target)
+        return v2.COMPLETED, 0, self.cost
+
+    def cost_of(self, delivered: int) -> Decimal:
+        return self.cost if delivered == self.quantity else self.cost * delivered / self.quantity
+
+    @property
+    def status(self) -> str:
+        return self.snapshot(self.clock())[0]
+
+    @property
+    def remains(self) -> int:
+        return self.snapshot(self.clock())[1]
+
+    @property
+    def charge(self) -> Decimal:
+        return self.snapshot(self.clock())[2]
+
+
+@dataclass
+class SimRefill:
+    id: int
+    order: int
+    created_at: float
+
+    def status_at(self, now: float, duration: float) -> str:
+        elapsed = now - self.created_at
+        if elapsed < PENDING_SHARE * duration:
+            return v2.PENDING
+        return v2.IN_PROGRESS if elapsed < duration else v2.COMPLETED
+
+
+def _money(amount: Decimal) -> str:
+    """v2.format_money, but exact when the amount has more decimals (as some panels send)."""
+    if amount == amount.quantize(Decimal(1).scaleb(-v2.MONEY_PLACES)):
+        return v2.format_money(amount)
+    return f"{amount.normalize():f}"
+
+
+class SimProvider:
+    """A v2 provider on loopback that tests steer and inspect.
+
+    Usage: `sim = SimProvider(key="k"); await sim.start(); ...sim.url...; await sim.stop()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        services: Sequence[SimService] | None = None,
+        balance: Decimal = Decimal("1000"),
+        currency: str = "USD",
+        progress_seconds: float = 10.0,
+        partial_every: int = 5,
+        slow_seconds: float = 30.0,
+        seed: int = 0,
+        first_order_id: int = 1000,
+    ) -> None:
+        self.key = key
+        self.services = {
+            s.service: s for s in (default_catalogue() if services is None else services)
+        }
+        self.currency = currency
+        self.progress_seconds = progress_seconds
+        self.partial_every = partial_every
+        self.slow_seconds = slow_seconds
+        self.received: list[Received] = []
+        self.orders: dict[int, SimOrder] = {}
+        self.refills: dict[int, SimRefill] = {}
+        self._balance = balance
+        self._first_order_id = first_order_id
+        self._next_order_id = first_order_id
+        self._offset = 0.0
+        self._rng = random.Random(seed)
+        self._faults: dict[int | None, Fault] = {}
+        self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
+        self._catalogue = [
+            {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
+            for s in self.services.values()
+        ]
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._actions: dict[str, Callable[[dict[str, str]], object]] = {
+            "services": lambda _params: self._catalogue,
+            "status": self._status,
+            "cancel": self._cancel,
+            "refill": self._refill,
+            "refill_status": self._refill_status,
+            "balance": lambda _params: {"balance": _money(self._balance), "currency": currency},
+        }
+        self.app = self.make_app()
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/api/v2", "/api/v1"):
+            app.router.add_get(path, self._handle)
+            app.router.add_post(path, self._handle)
+        return app
+
+    # --- steering and inspection -----------------------------------------------------------------
+
+    def now(self) -> float:
+        """The simulator's clock: time.monotonic() shifted by every advance()."""
+        return time.monotonic() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward: orders and refills progress without sleeping."""
+        if seconds < 0:
+            raise ValueError("the simulator's clock only moves forward")
+        self._offset += seconds
+        self._settle(self.now())
+
+    def set_fault(self, service: int | None, fault: Fault | None) -> None:
+        """Make `add` on `service` (None: every service without its own fault) misbehave."""
+        if fault is None:
+            self._faults.pop(service, None)
+        else:
+            self._faults[service] = fault
+
+    def set_balance(self, amount: Decimal) -> None:
+        self._balance = amount
+
+    @property
+    def balance(self) -> Decimal:
+        self._settle(self.now())
+        return self._balance
+
+    def received_actions(self, action: str) -> list[Received]:
+        return [r for r in self.received if r.action == action]
+
+    @property
+    def url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("the simulator has not been started")
+        return f"http://127.0.0.1:{self._port}/api/v2"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen and return the port; port 0 is ephemeral, or the previous one on a restart."""
+        if self._runner is not None:
+            raise RuntimeError("the simulator is already running")
+        self._stopping = asyncio.Event()
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port or self._port or 0).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        return self._port
+
+    async def stop(self) -> None:
+        """Stop listening (the provider is "down"); the state stays for a restart."""
+        if self._runner is None:
+            return
+        self._stopping.set()  # slow answers in flight end as a reset
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+        # Let clients on this loop see their pooled connections closed, so that "down" means
+        # "connection refused" on their next call, not a write to a stale connection.
+        await asyncio.sleep(0.01)
+
+    # --- the v2 endpoint -------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        params = await _read_params(request)
+        key = params.pop("key", "")
+        action = params.get("action", "")
+        now = self.now()
+        self.received.append(Received(action, dict(params), now))
+        try:
+            if not hmac.compare_digest(key.encode(), self.key.encode()):
+                raise V2Error(v2.INVALID_KEY)
+            self._settle(now)
+            if action == "add":
+                return await self._add(request, params)
+            handler = self._actions.get(action)
+            if handler is None:
+                raise V2Error(v2.INCORRECT_REQUEST)
+            return web.json_response(handler(params))
+        except V2Error as error:
+            return web.json_response({"error": error.message})
+
+    async def _add(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+        service_id = v2.parse_id(params.get("service"))
+        fault = self._faults.get(service_id, self._faults.get(None))
+        if fault is Fault.FLAKY:
+            fault = self._rng.choice(_FLAKY_CHOICES)
+        if fault is Fault.REFUSE:
+            raise V2Error(REFUSAL)
+        if fault is Fault.NO_FUNDS:
+            raise V2Error(v2.NOT_ENOUGH_FUNDS)
+        if fault is Fault.HTML_502:
+            return web.Response(status=502, text=CLOUDFLARE_502, content_type="text/html")
+        if fault is Fault.RESET:
+            return _reset(request)
+        if fault is Fault.SLOW:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.slow_seconds)
+            except TimeoutError:
+                self._settle(self.now())  # refunds due while sleeping count for the funds check
+            else:
+                return _reset(request)  # going down mid-request: nothing created
+        return web.json_response({"order": self._place(service_id, params)})
+
+    def _place(self, service_id: int | None, params: dict[str, str]) -> int:
+        """Validate an `add` as a strict panel does, debit the balance and create the order."""
+        service = self.services.get(service_id) if service_id else None
+        if service is None:
+            raise V2Error(v2.INCORRECT_SERVICE)
+        kind = v2.SERVICE_TYPES[service.type]
+        link = v2.check_link(params.get("link")) if kind.link else ""
+        for name in kind.params:
+            if not params.get(name, "").strip():
+                raise V2Error(v2.INCORRECT_REQUEST)
+        if kind.one_of and not any(params.get(name, "").strip() for name in kind.one_of):
+            raise V2Error(v2.INCORRECT_REQUEST)
+        if kind.quantity == "flat":
+            quantity = 1
+        elif kind.quantity == "param":
+            parsed = v2.parse_plain_int(params.get("quantity"), maximum=v2.MAX_QUANTITY)
+            if parsed is None:
+                raise V2Error(v2.INCORRECT_REQUEST)
+            quantity = parsed
+        else:
+            quantity = len(v2.non_empty_lines(params[kind.quantity]))
+        if quantity < service.min:
+            raise V2Error(v2.quantity_below(service.min))
+        if quantity > service.max:
+            raise V2Error(v2.quantity_above(service.max))
+        runs, interval = params.get("runs", "").strip(), params.get("interval", "").strip()
+        total = quantity
+        if runs or interval:  # drip-feed: `quantity` is per run
+            run_count = v2.parse_plain_int(runs, maximum=1000)
+            if not (kind.dripfeed and service.dripfeed and run_count and v2.parse_id(interval)):
+                raise V2Error(v2.INCORRECT_REQUEST)
+            total = run_count * quantity
+        cost = service.rate if kind.quantity == "flat" else service.rate * total / 1000
+        if cost > self._balance:
+            raise V2Error(v2.NOT_ENOUGH_FUNDS)
+        self._balance -= cost
+        order_id = self._next_order_id
+        self._next_order_id += 1
+        index = order_id - self._first_order_id + 1
+        now, duration = self.now(), self.progress_seconds
+        order = SimOrder(order_id, service.service, link, total, cost, now, self.now, duration)
+        if self.partial_every > 0 and index % self.partial_every == 0:
+            order.partial_remains = total // 4  # 0 for tiny orders: they complete
+        self.orders[order_id] = order
+        if order.partial_remains:
+            heapq.heappush(self._partials, (now + duration, order_id))
+        return order_id
+
+    def _settle(self, now: float) -> None:
+        """Refund the provider balance for every order that has just ended Partial."""
+        while self._partials and self._partials[0][0] <= now:
+            _, order_id = heapq.heappop(self._partials)
+            order = self.orders[order_id]
+            if order.canceled_at is None:  # a cancel refunded it already
+                self._balance += order.cost - order.snapshot(now)[2]
+
+    def _order(self, order_id: int | None) -> SimOrder:
+        order = self.orders.get(order_id) if order_id else None
+        if order is None:
+            raise V2Error(v2.INCORRECT_ORDER)
+        return order
+
+    def _status(self, params: dict[str, str]) -> object:
+        now = self.now()
+
+        def item(order_id: int | None) -> dict[str, str]:
+            order = self._order(order_id)
+            word, remains, charge = order.snapshot(now)
+            return {
+                "charge": _money(charge),
+                "start_count": str(order.start_count),
+                "status": word,
+                "remains": str(remains),
+                "currency": self.currency,
+            }
+
+        if "orders" in params:
+            return {token: _try(item, order) for token, order in v2.parse_id_list(params["orders"])}
+        return item(v2.parse_id(params.get("order")))
+
+    def _cancel(self, params: dict[str, str]) -> object:
+        now = self.now()
+
+        def one(order_id: int | None) -> int:
+            """Nothing delivered yet ends Canceled; something delivered ends Partial."""
+            order = self._order(order_id)
+            if not self.services[order.service].cancel:
+                raise V2Error(v2.CANCEL_DISABLED)
+            word, remains, _ = order.snapshot(now)
+            if word in v2.FINAL_STATUSES:
+                raise V2Error(CANNOT_CANCEL)
+            order.canceled_at, order.canceled_remains = now, remains
+            self._balance += order.cost - order.cost_of(order.quantity - remains)
+            return 1
+
+        ids = _id_items(params.get("orders", params.get("order")))
+        return [{"order": shown, "cancel": _try(one, order)} for shown, order in ids]
+
+    def _refill(self, params: dict[str, str]) -> object:
+        now = self.now()
+
+        def one(order_id: int | None) -> int:
+            order = self._order(order_id)
+            if not self.services[order.service].refill:
+                raise V2Error(v2.REFILL_DISABLED)
+            if order.snapshot(now)[0] not in (v2.COMPLETED, v2.PARTIAL):
+                raise V2Error(REFILL_UNAVAILABLE)
+            refill = SimRefill(id=len(self.refills) + 1, order=order.id, created_at=now)
+            self.refills[refill.id] = refill
+            return refill.id
+
+        if "orders" in params:
+            ids = _id_items(params["orders"])
+            return [{"order": shown, "refill": _try(one, order)} for shown, order in ids]
+        return {"refill": str(one(v2.parse_id(params.get("order"))))}
+
+    def _refill_status(self, params: dict[str, str]) -> object:
+        now = self.now()
+
+        def status(refill_id: int | None) -> str:
+            refill = self.refills.get(refill_id) if refill_id else None
+            if refill is None:
+                raise V2Error(v2.REFILL_NOT_FOUND)
+            return refill.status_at(now, self.progress_seconds)
+
+        if "refills" in params:
+            ids = _id_items(params["refills"])
+            return [{"refill": shown, "status": _try(status, refill)} for shown, refill in ids]
+        return {"status": status(v2.parse_id(params.get("refill")))}
+
+
+def _try(answer: Callable[[int | None], object], item: int | None) -> object:
+    """One item of a list answer: its value, or its `{"error": ...}` inline."""
+    try:
+        return answer(item)
+    except V2Error as error:
+        return {"error": error.message}
+
+
+def _id_items(value: str | None) -> list[tuple[int | str, int | None]]:
+    """(the ID to show in the answer, the ID or None) for each ID of a comma-separated list."""
+    return [(parsed or token, parsed) for token, parsed in v2.parse_id_list(value)]
+
+
+async def _read_params(request: web.Request) -> dict[str, str]:
+    """Query and body merged, the body winning: form, multipart or a JSON object."""
+    params = dict(request.query)
+    if request.method != "POST" or not request.body_exists:
+        return params
+    try:
+        if request.content_type == "application/json":
+            body = await request.json()
+            if isinstance(body, dict):
+                params.update(
+                    {str(k): str(v) for k, v in body.items() if isinstance(v, str | int | float)}
+                )
+        else:
+            form = await request.post()
+            params.update({k: v for k, v in form.items() if isinstance(v, str)})
+    except ValueError:
+        pass  # an unreadable body sends nothing: the key check answers it
+    return params
+
+
+def _reset(request: web.Request) -> web.StreamResponse:
+    """Reset the TCP connection; aiohttp then drops the returned response quietly."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    return web.Response()
+
+
+class BadSpec(argparse.ArgumentTypeError, ValueError):
+    """A bad command-line value; argparse shows its message as it is."""
+
+
+def parse_fault(spec: str) -> tuple[int | None, Fault]:
+    """`101=refuse` (one service), `*=slow` or `slow` (every service); else raise ValueError."""
+    target, _, word = (part.strip() for part in spec.strip().rpartition("="))
+    if word.lower() not in set(Fault):
+        faults = ", ".join(Fault)
+        raise BadSpec(f"unknown fault {word!r} in {spec!r}: use one of {faults}")
+    if target in ("", "*"):
+        return None, Fault(word.lower())
+    service = v2.parse_id(target)
+    if service is None:
+        raise BadSpec(f"bad service {target!r} in {spec!r}: use a service ID or *")
+    return service, Fault(word.lower())
+
+
+def _decimal_arg(text: str) -> Decimal:
+    value = v2.parse_decimal(text)
+    if value is None or value < 0:
+        raise BadSpec(f"not an amount: {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `smm-router sim`."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on")
+    add("--port", type=int, default=9101, help="port to listen on (0: any free port)")
+    add("--key", default="sim-key", help="the API key the simulator accepts")
+    add("--balance", type=_decimal_arg, default=Decimal("1000"), help="the starting balance")
+    add("--currency", default="USD", help="the currency of the balance and the rates")
+    add("--progress-seconds", type=float, default=10.0, help="how long an order takes")
+    add("--partial-every", type=int, default=5, help="every Nth order ends Partial (0: none)")
+    add("--slow-seconds", type=float, default=30.0, help="the delay of the slow fault")
+    faults = ", ".join(fault.value for fault in Fault)
+    add(
+        "--fault",
+        dest="faults",
+        type=parse_fault,
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"SERVICE=FAULT or FAULT for every service (repeatable): {faults}",
+    )
+    add("--seed", type=int, default=0, help="the seed of the flaky fault")
+
+
+async def serve_from_args(args: argparse.Namespace) -> None:
+    """Run one simulated provider until cancelled."""
+    sim = SimProvider(
+        key=args.key,
+        balance=args.balance,
+        currency=args.currency,
+        progress_seconds=args.progress_seconds,
+        partial_every=args.partial_every,
+        slow_seconds=args.slow_seconds,
+        seed=args.seed,
+    )
+    for service, fault in args.faults:
+        sim.set_fault(service, fault)
+    port = await sim.start(args.host, args.port)
+    try:
+        print(
+            f"sim provider listening on http://{args.host}:{port}/api/v2 (key: {args.key})",
+            flush=True,
+        )
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
