@@ -1,0 +1,510 @@
+"""The client for upstream v2 providers: one call, one classified outcome.
+
+Every failure of a call is one of these (what the failover loop of `orders.py` does with it):
+
+    UpstreamError                 outcome      the failover loop
+     ├── UpstreamRefused          refused      tries the next route: nothing was created upstream
+     │    └── UpstreamNoFunds     no_funds     tries the next route and benches this provider
+     ├── UpstreamUnreachable      unreachable  tries the next route: nothing was sent
+     └── OutcomeUnknown           ambiguous    STOPS: the order may exist upstream (held for ops)
+
+`refused`: an `{"error": ...}` answer (on HTTP 200 or 4xx) or HTTP 429. `unreachable`: DNS
+failure, connection refused, connect timeout (pool wait, DNS, TCP and TLS), TLS failure.
+`ambiguous`: timeout after the request went out, connection reset or closed, HTTP 5xx, HTML,
+empty, truncated or otherwise unparseable answers. `add` returns these as an `AddResult`
+instead of raising; every other action raises them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+
+from router import v2
+from router.config import Provider
+
+log = structlog.get_logger(__name__)
+
+# Connecting (pool wait, DNS, TCP, TLS) must give up strictly before the total timeout: then a
+# slow connect surfaces as ConnectionTimeoutError (nothing sent) and not as the bare
+# TimeoutError of the total timeout, which cannot tell whether the request went out.
+CONNECT_TIMEOUT: Final = 5.0
+MAX_ANSWER_BYTES: Final = 32 * 1024 * 1024  # a big catalogue is a few MB; more is garbage
+MAX_ERROR_TEXT: Final = 300
+MAX_UPSTREAM_INT: Final = 2**63 - 1  # fits an SQLite INTEGER
+MAX_MONEY: Final = Decimal(10) ** 12  # anything above is garbage (and costly to convert)
+_REDACTED: Final = "**********"
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, HttpProcessingError, OSError)  # TimeoutError too
+
+T = TypeVar("T")
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"  # the call got a usable answer (for `add`: the order exists upstream)
+    REFUSED = "refused"
+    NO_FUNDS = "no_funds"
+    UNREACHABLE = "unreachable"
+    AMBIGUOUS = "ambiguous"
+
+
+class UpstreamError(Exception):
+    """A failed upstream call. `message` is safe to log and show ops: never the API key."""
+
+    outcome: Outcome = Outcome.AMBIGUOUS
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UpstreamRefused(UpstreamError):
+    outcome = Outcome.REFUSED
+
+
+class UpstreamNoFunds(UpstreamRefused):
+    outcome = Outcome.NO_FUNDS
+
+
+class UpstreamUnreachable(UpstreamError):
+    outcome = Outcome.UNREACHABLE
+
+
+class OutcomeUnknown(UpstreamError):
+    outcome = Outcome.AMBIGUOUS
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    provider: str
+    action: str
+    started_at: float  # unix time
+    latency: float  # seconds
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    outcome: Outcome
+    upstream_order: int | None  # set when outcome is ACCEPTED
+    error: str | None  # what went wrong, for the attempt row and ops; None when accepted
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatus:
+    status: str  # one of v2.ORDER_STATUSES
+    remains: int | None  # clamped to [0, quantity]; None when the upstream does not know
+    start_count: int | None
+    charge: Decimal | None
+    currency: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamService:
+    service: int
+    name: str
+    type: str
+    category: str
+    rate: Decimal
+    min: int
+    max: int
+    refill: bool
+    cancel: bool
+    dripfeed: bool
+
+
+# --- Pure classification -------------------------------------------------------------------------
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """UNREACHABLE when aiohttp failed before sending anything, else AMBIGUOUS.
+
+    Order matters: ConnectionTimeoutError is also a ServerTimeoutError and a TimeoutError, and
+    ClientConnectorError (DNS, refused, TLS, certificate) is also a ClientOSError.
+    """
+    if isinstance(
+        exc,
+        aiohttp.ConnectionTimeoutError
+        | aiohttp.ClientConnectorError
+        | aiohttp.ServerFingerprintMismatch
+        | aiohttp.InvalidURL
+        | aiohttp.NonHttpUrlClientError,
+    ):
+        return Outcome.UNREACHABLE
+    return Outcome.AMBIGUOUS  # read timeouts, resets, disconnects, bad payloads, the unforeseen
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+def _error_text(value: object) -> str:
+    return _shorten(value if isinstance(value, str) else repr(value))
+
+
+def _refusal(value: object) -> UpstreamRefused:
+    """The exception for an `{"error": value}` answer."""
+    text = _error_text(value)
+    if "not enough funds" in text.lower():
+        return UpstreamNoFunds(text)
+    return UpstreamRefused(text)
+
+
+def _item_error(item: object) -> object | None:
+    """The error of an `{"error": ...}` object (a null or empty error is no error), else None."""
+    if isinstance(item, dict):
+        return item.get("error") or None
+    return None
+
+
+def parse_answer(status: int, content_type: str, body: str) -> Any:
+    """The JSON of a usable answer, or raise the UpstreamError subclass it amounts to."""
+    if status == 429:
+        raise UpstreamRefused("HTTP 429 Too Many Requests")
+    if status >= 500:
+        raise OutcomeUnknown(f"HTTP {status}: {_error_text(body[:80])}")
+    try:
+        data = v2.extract_json(body)
+    except ValueError:
+        what = content_type or "no content type"
+        raise OutcomeUnknown(f"HTTP {status} ({what}), not JSON: {body[:80]!r}") from None
+    error = _item_error(data)
+    if error is not None and (status < 300 or 400 <= status < 500):
+        if isinstance(data, dict) and data.get("order"):
+            raise OutcomeUnknown(f"both an order and an error: {_error_text(data)}")
+        raise _refusal(error)
+    if not 200 <= status < 300:
+        raise OutcomeUnknown(f"HTTP {status} without an error: {_error_text(body[:80])}")
+    return data
+
+
+def _int(value: object, *, minimum: int = 0) -> int | None:
+    """An upstream integer within [minimum, MAX_UPSTREAM_INT], else None.
+
+    The bound is checked on the Decimal first: int(Decimal("1e999999")) takes seconds.
+    """
+    number = v2.parse_decimal(value)
+    if number is None or not minimum <= number <= MAX_UPSTREAM_INT:
+        return None
+    return v2.parse_int(value)
+
+
+def _money(value: object, *, signed: bool = False) -> Decimal | None:
+    number = v2.parse_decimal(value)
+    if number is None or abs(number) >= MAX_MONEY or (number < 0 and not signed):
+        return None
+    return number
+
+
+def _flag(value: object) -> bool | None:
+    """A boolean sent as true/false, 1/0 or their strings; None if it is neither."""
+    if isinstance(value, bool):
+        return value
+    return {"1": True, "true": True, "0": False, "false": False, "": False}.get(
+        str(value).strip().lower() if isinstance(value, int | str) else "?"
+    )
+
+
+def classify_add(
+    status: int, content_type: str, body: str
+) -> tuple[Outcome, int | None, str | None]:
+    """(outcome, upstream order ID, error text) for one answer to `add`."""
+    try:
+        data = parse_answer(status, content_type, body)
+    except UpstreamError as exc:
+        return exc.outcome, None, exc.message
+    order = _int(data.get("order"), minimum=1) if isinstance(data, dict) else None
+    if order is None:
+        return Outcome.AMBIGUOUS, None, f"no order ID in the answer: {_error_text(body[:80])}"
+    return Outcome.ACCEPTED, order, None
+
+
+def parse_status_item(raw: object, quantity: int | None) -> UpstreamStatus | None:
+    """One order's status; None leaves the order as it was (error, unknown word, garbage)."""
+    if not isinstance(raw, dict) or _item_error(raw) is not None:
+        return None
+    status = v2.normalise_status(raw.get("status"))
+    if status is None:
+        return None
+    remains = _int(raw.get("remains"), minimum=-MAX_UPSTREAM_INT)
+    if remains is not None:  # negative means over-delivered
+        remains = max(remains, 0) if quantity is None else min(max(remains, 0), quantity)
+    currency = raw.get("currency")
+    return UpstreamStatus(
+        status=status,
+        remains=remains,
+        start_count=_int(raw.get("start_count")),
+        charge=_money(raw.get("charge")),
+        currency=currency.strip().upper() or None if isinstance(currency, str) else None,
+    )
+
+
+def _garbage(what: str, data: Any) -> OutcomeUnknown:
+    return OutcomeUnknown(f"{what}: {_error_text(data)}")
+
+
+def _by_id(data: Any, ids: Sequence[int], *, field: str, single: str) -> dict[int, object]:
+    """Per-ID items of a multi answer: an object keyed by the IDs as sent, or a list of objects
+    naming their ID in `field`. A lone ID may also be answered in the single shape (`single`).
+    """
+    if isinstance(data, list):  # also [], which is how PHP encodes an empty keyed array
+        items: dict[int, object] = {}
+        for item in data:
+            item_id = _int(item.get(field), minimum=1) if isinstance(item, dict) else None
+            if item_id is not None:
+                items.setdefault(item_id, item)
+        return items
+    if not isinstance(data, dict):
+        raise _garbage("not a list or an object", data)
+    if len(ids) == 1 and str(ids[0]) not in data and single in data:
+        return {ids[0]: data}
+    return {item_id: data[str(item_id)] for item_id in ids if str(item_id) in data}
+
+
+def parse_statuses(
+    data: Any, ids: Sequence[int], quantities: Mapping[int, int], provider: str = ""
+) -> dict[int, UpstreamStatus | None]:
+    """The answer to a multi `status`, per asked ID; unknown status words are logged."""
+    items = _by_id(data, ids, field="order", single="status")
+    result = {i: parse_status_item(items.get(i), quantities.get(i)) for i in ids}
+    for i, found in result.items():
+        raw = items.get(i)
+        if found is None and isinstance(raw, dict) and _item_error(raw) is None:
+            log.warning(
+                "upstream_status_unknown", provider=provider, upstream_order=i, raw=_error_text(raw)
+            )
+    return result
+
+
+def parse_refill(data: Any) -> int:
+    """The upstream refill ID in the answer to `refill`."""
+    value = data.get("refill") if isinstance(data, dict) else None
+    if (error := _item_error(value)) is not None:
+        raise _refusal(error)
+    if (refill := _int(value, minimum=1)) is None:
+        raise _garbage("no refill ID in the answer", data)
+    return refill
+
+
+def parse_refill_statuses(data: Any, ids: Sequence[int]) -> dict[int, str | None]:
+    """The answer to a multi `refill_status`: a refill word per asked ID, None if unknown."""
+    items = _by_id(data, ids, field="refill", single="status")
+    words = {i: item.get("status") if isinstance(item, dict) else item for i, item in items.items()}
+    return {i: v2.normalise_refill_status(words.get(i)) for i in ids}
+
+
+def _cancel_error(item: object) -> str | None:
+    value = item.get("cancel") if isinstance(item, dict) else item
+    if (error := _item_error(value)) is not None:
+        return _error_text(error)
+    if _flag(value):
+        return None
+    if isinstance(value, str) and value.strip():
+        return _error_text(value)  # a bare error string
+    return f"cancel not accepted: {_error_text(value)}"
+
+
+def parse_cancels(data: Any, ids: Sequence[int]) -> dict[int, str | None]:
+    """The answer to a multi `cancel`: None where accepted, else why not, per asked ID."""
+    items = _by_id(data, ids, field="order", single="cancel")
+    return {i: _cancel_error(items.get(i, "missing from the answer")) for i in ids}
+
+
+def parse_balance(data: Any, default_currency: str) -> tuple[Decimal, str]:
+    balance = _money(data.get("balance"), signed=True) if isinstance(data, dict) else None
+    if balance is None:
+        raise _garbage("no balance in the answer", data)
+    currency = data.get("currency")
+    if isinstance(currency, str) and currency.strip():
+        return balance, currency.strip().upper()
+    return balance, default_currency
+
+
+def _parse_service(item: object) -> UpstreamService | None:
+    if not isinstance(item, dict):
+        return None
+    service, rate = _int(item.get("service"), minimum=1), _money(item.get("rate"))
+    low, high = _int(item.get("min")), _int(item.get("max"))
+    name, kind, category = item.get("name"), item.get("type", "Default"), item.get("category", "")
+    if service is None or rate is None or low is None or high is None or low > high:
+        return None
+    if not isinstance(name, str) or not isinstance(kind, str) or not isinstance(category, str):
+        return None
+    flags = {f: _flag(item.get(f, False)) is True for f in ("refill", "cancel", "dripfeed")}
+    return UpstreamService(service, name, kind, category, rate, low, high, **flags)
+
+
+def parse_services(data: Any) -> list[UpstreamService]:
+    """The catalogue: malformed entries skipped; none valid is an error (never a partial one)."""
+    items = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise _garbage("empty or malformed catalogue", data)
+    services = [service for item in items if (service := _parse_service(item)) is not None]
+    if not services:
+        raise OutcomeUnknown(f"none of the {len(items)} catalogue entries is valid")
+    if len(services) < len(items):
+        log.warning("upstream_services_skipped", skipped=len(items) - len(services))
+    return services
+
+
+def _batch(ids: Sequence[int]) -> list[int]:
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > v2.MAX_IDS_PER_REQUEST:
+        raise ValueError(f"at most {v2.MAX_IDS_PER_REQUEST} IDs per call, got {len(unique)}")
+    return unique
+
+
+def _joined(ids: Sequence[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+async def _read_body(response: aiohttp.ClientResponse) -> str:
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        raise OutcomeUnknown(f"answer of {response.content_length} bytes: too large")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise OutcomeUnknown(f"answer over {MAX_ANSWER_BYTES} bytes: too large")
+    return body.decode("utf-8", errors="replace")
+
+
+# --- The client ----------------------------------------------------------------------------------
+
+
+class UpstreamClient:
+    """One upstream provider's v2 API, over the app's shared session.
+
+    Usage: `result = await UpstreamClient(provider, session, on_call=hook).add({"service": "7",
+    "link": link, "quantity": "1000"})`; `hook` gets one CallRecord per call, failures too.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        session: aiohttp.ClientSession,
+        *,
+        on_call: Callable[[CallRecord], None] | None = None,
+    ) -> None:
+        self.name = provider.name
+        self._provider = provider
+        self._session = session
+        self._on_call = on_call
+        connect = min(CONNECT_TIMEOUT, provider.timeout / 2)
+        self._timeout = aiohttp.ClientTimeout(
+            total=provider.timeout, connect=connect, sock_connect=connect
+        )
+
+    async def add(self, params: Mapping[str, str]) -> AddResult:
+        """Place one order. Never raises for upstream or network failures: classifies them."""
+        if "key" in params or "action" in params:
+            raise ValueError("key and action are set by the client")
+        started, start = time.time(), time.perf_counter()
+        outcome = Outcome.AMBIGUOUS  # if cancelled mid-call, the order may exist upstream
+        try:
+            try:
+                outcome, order, error = classify_add(*await self._exchange("add", params))
+            except UpstreamError as exc:
+                outcome, order, error = exc.outcome, None, exc.message
+            latency = time.perf_counter() - start
+            return AddResult(outcome, order, self._redact(error) if error else None, latency)
+        finally:
+            self._record("add", started, time.perf_counter() - start, outcome)
+
+    async def status(
+        self, order_ids: Sequence[int], quantities: Mapping[int, int] | None = None
+    ) -> dict[int, UpstreamStatus | None]:
+        """Status of up to 100 orders (none: no call); None for each one to leave as it was."""
+        if not (ids := _batch(order_ids)):
+            return {}
+        fields = {"orders": _joined(ids)}
+        return await self._call(
+            "status", fields, lambda d: parse_statuses(d, ids, quantities or {}, self.name)
+        )
+
+    async def refill(self, order_id: int) -> int:
+        """Ask for a refill of one order; the upstream refill ID."""
+        return await self._call("refill", {"order": str(order_id)}, parse_refill)
+
+    async def refill_status(self, refill_ids: Sequence[int]) -> dict[int, str | None]:
+        """Refill words (v2.REFILL_STATUSES) of up to 100 refills; None where unknown."""
+        if not (ids := _batch(refill_ids)):
+            return {}
+        fields = {"refills": _joined(ids)}
+        return await self._call("refill_status", fields, lambda d: parse_refill_statuses(d, ids))
+
+    async def cancel(self, order_ids: Sequence[int]) -> dict[int, str | None]:
+        """Ask to cancel up to 100 orders: None where accepted, else the upstream's reason."""
+        if not (ids := _batch(order_ids)):
+            return {}
+        answers = await self._call(
+            "cancel", {"orders": _joined(ids)}, lambda d: parse_cancels(d, ids)
+        )
+        return {i: self._redact(error) if error else None for i, error in answers.items()}
+
+    async def balance(self) -> tuple[Decimal, str]:
+        """(balance, currency) of our account at this provider."""
+        return await self._call("balance", {}, lambda d: parse_balance(d, self._provider.currency))
+
+    async def services(self) -> list[UpstreamService]:
+        """The provider's catalogue; OutcomeUnknown when empty or unparseable (and, like every
+        action, UpstreamRefused for an error answer)."""
+        return await self._call("services", {}, parse_services)
+
+    async def _call(self, action: str, fields: Mapping[str, str], parse: Callable[[Any], T]) -> T:
+        started, start = time.time(), time.perf_counter()
+        outcome = Outcome.AMBIGUOUS
+        try:
+            try:
+                result = parse(parse_answer(*await self._exchange(action, fields)))
+            except UpstreamError as exc:
+                failure = type(exc)(self._redact(exc.message))
+            else:
+                outcome = Outcome.ACCEPTED
+                return result
+            outcome = failure.outcome
+            raise failure  # outside the handler: a redacted error keeps no link to the original
+        finally:
+            self._record(action, started, time.perf_counter() - start, outcome)
+
+    async def _exchange(self, action: str, fields: Mapping[str, str]) -> tuple[int, str, str]:
+        """POST one action: (HTTP status, content type, body), or raise UpstreamUnreachable or
+        OutcomeUnknown when no complete answer came back."""
+        form = {**fields, "key": self._provider.key.value, "action": action}
+        try:
+            async with self._session.post(
+                self._provider.url,
+                data=form,
+                timeout=self._timeout,
+                allow_redirects=False,  # a redirected POST would be re-sent as a bare GET
+                raise_for_status=False,
+            ) as response:
+                body = await _read_body(response)
+                return response.status, response.headers.get(aiohttp.hdrs.CONTENT_TYPE, ""), body
+        except _TRANSPORT_ERRORS as exc:
+            detail = str(exc) or f"no complete answer within {self._provider.timeout:g} s"
+            unreachable = classify_exception(exc) is Outcome.UNREACHABLE
+            failure = (UpstreamUnreachable if unreachable else OutcomeUnknown)(
+                self._redact(_shorten(f"{type(exc).__name__}: {detail}"))
+            )
+        raise failure  # outside the handler: aiohttp's text may show the URL, ours is redacted
+
+    def _redact(self, text: str) -> str:
+        key = self._provider.key.value
+        return text.replace(key, _REDACTED) if key else text
+
+    def _record(self, action: str, started: float, latency: float, outcome: Outcome) -> None:
+        if self._on_call is None:
+            return
+        try:
+            self._on_call(CallRecord(self.name, action, started, latency, outcome))
+        except Exception:  # a broken metrics hook must not turn a placed order into an error
+            log.exception("upstream_on_call_failed", provider=self.name, action=action)

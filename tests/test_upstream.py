@@ -1,0 +1,862 @@
+"""Tests of router/upstream.py against real servers on loopback (no mocks of aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_reqrep import ConnectionKey
+from pytest_aiohttp import AiohttpServer
+
+from router import v2
+from router.config import Provider, Secret
+from router.upstream import (
+    AddResult,
+    CallRecord,
+    Outcome,
+    OutcomeUnknown,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamNoFunds,
+    UpstreamRefused,
+    UpstreamService,
+    UpstreamStatus,
+    UpstreamUnreachable,
+    classify_add,
+    classify_exception,
+    parse_status_item,
+)
+
+VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+ADD_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-add.json").read_text())["cases"]
+STATUS_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-status.json").read_text())[
+    "cases"
+]
+KEY = "sk-LEAK-CANARY-7f3a9c1e"  # must never show in an error
+JSON = "application/json"
+ORDER = {"service": "101", "link": "https://instagram.com/someone", "quantity": "1000"}
+
+
+def provider(url: str, *, timeout: float = 5.0) -> Provider:
+    return Provider(name="alpha", url=url, key=Secret(KEY), timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def assert_no_key(*texts: object) -> None:
+    for text in texts:
+        assert KEY not in str(text)
+        assert KEY not in repr(text)
+
+
+def assert_status(got: UpstreamStatus | None, expect: dict[str, Any] | None) -> None:
+    if expect is None:
+        assert got is None
+        return
+    assert got is not None
+    assert got.status == expect["status"]
+    assert got.remains == expect.get("remains")  # absent from `expect`: the upstream doesn't know
+    if "start_count" in expect:
+        assert got.start_count == expect["start_count"]
+    if "charge" in expect:
+        assert got.charge == Decimal(expect["charge"])
+
+
+# --- A fake v2 provider on loopback --------------------------------------------------------------
+
+Answer = tuple[int, str, bytes]
+
+
+class FakeUpstream:
+    """A v2 provider that answers each action with a canned (status, content type, body)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Answer] = {}
+        self.received: list[dict[str, str]] = []
+        self.content_types: list[str] = []
+
+    def answer(self, action: str, data: object, status: int = 200, ctype: str = JSON) -> None:
+        body = data if isinstance(data, bytes) else json.dumps(data).encode()
+        self.answers[action] = (status, ctype, body)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.method == "POST"
+        self.content_types.append(request.content_type)
+        form = {name: str(value) for name, value in (await request.post()).items()}
+        self.received.append(form)
+        status, ctype, body = self.answers[form["action"]]
+        return web.Response(status=status, body=body, headers={"Content-Type": ctype})
+
+
+Serve = Callable[[FakeUpstream], Awaitable[Provider]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.fixture
+async def fake(aiohttp_server: AiohttpServer) -> tuple[FakeUpstream, Provider]:
+    upstream = FakeUpstream()
+    app = web.Application()
+    app.router.add_post("/api/v2", upstream.handle)
+    server = await aiohttp_server(app)
+    return upstream, provider(str(server.make_url("/api/v2")))
+
+
+@pytest.fixture
+def client(
+    fake: tuple[FakeUpstream, Provider], session: aiohttp.ClientSession
+) -> tuple[FakeUpstream, UpstreamClient]:
+    upstream, config = fake
+    return upstream, UpstreamClient(config, session)
+
+
+# --- Raw TCP servers, for what no well-behaved HTTP server does ----------------------------------
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_server(handler: RawHandler) -> AsyncIterator[int]:
+    """A TCP server on loopback running `handler` per connection; yields its port."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One whole HTTP request (head and form body): once read, the request was sent."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+async def until_client_leaves(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+    await reader.read()  # never answers; returns when the client gives up and closes
+
+
+async def answer_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    await reader.read()
+
+
+async def reset_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+
+async def close_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.close()
+
+
+async def truncated_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n")
+    writer.write(b'{"order": 23')
+    await writer.drain()
+
+
+async def huge_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    writer.write(b"Content-Length: 999999999\r\n\r\n[")
+    await writer.drain()
+    await reader.read()
+
+
+async def tls_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)  # the TLS ClientHello
+    writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    await writer.drain()
+
+
+class NoSuchHost(AbstractResolver):
+    """A resolver that fails like getaddrinfo on an unknown name (no DNS traffic)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        raise OSError(socket.EAI_NONAME, "Name or service not known")
+
+    async def close(self) -> None:
+        pass
+
+
+# --- add: the vectors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=[case["name"] for case in ADD_CASES])
+def test_classify_add_vectors(case: dict[str, Any]) -> None:
+    outcome, order, error = classify_add(case["status"], case["content_type"], case["body"])
+    assert outcome == case["outcome"]
+    assert order == case.get("order")
+    assert (error is None) == (outcome is Outcome.ACCEPTED)
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=[case["name"] for case in ADD_CASES])
+async def test_add_vectors_over_http(
+    case: dict[str, Any], client: tuple[FakeUpstream, UpstreamClient]
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("add", case["body"].encode(), case["status"], case["content_type"])
+    result = await upstream_client.add(ORDER)
+    assert result.outcome == case["outcome"]
+    assert result.upstream_order == case.get("order")
+    assert (result.error is None) == (result.outcome is Outcome.ACCEPTED)
+    assert result.latency >= 0
+    assert upstream.received == [{**ORDER, "key": KEY, "action": "add"}]
+    assert upstream.content_types == ["application/x-www-form-urlencoded"]
+
+
+def test_add_error_texts() -> None:
+    assert classify_add(200, JSON, '{"error": "Incorrect service ID"}') == (
+        Outcome.REFUSED,
+        None,
+        "Incorrect service ID",
+    )
+    assert classify_add(200, JSON, '{"error": "NOT ENOUGH FUNDS on balance"}')[0] == "no_funds"
+    assert classify_add(429, "text/html", "Too Many Requests")[2] == "HTTP 429 Too Many Requests"
+    outcome, _, error = classify_add(502, "text/html", "<html>502 Bad Gateway</html>")
+    assert outcome is Outcome.AMBIGUOUS
+    assert error is not None and error.startswith("HTTP 502")
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, '{"order": 23501.0}', Outcome.ACCEPTED),
+        (200, '{"order": " 42 "}', Outcome.ACCEPTED),
+        (201, '{"order": 7}', Outcome.ACCEPTED),
+        (200, '{"order": -5}', Outcome.AMBIGUOUS),
+        (200, '{"order": "12abc"}', Outcome.AMBIGUOUS),
+        (200, '{"order": true}', Outcome.AMBIGUOUS),
+        (200, '{"order": 1.5}', Outcome.AMBIGUOUS),
+        (200, '{"order": "1e999999"}', Outcome.AMBIGUOUS),  # and fast: no million-digit int
+        (200, '{"order": 99999999999999999999}', Outcome.AMBIGUOUS),  # beyond SQLite INTEGER
+        (200, '[{"order": 5}]', Outcome.AMBIGUOUS),
+        (200, "null", Outcome.AMBIGUOUS),
+        (200, '{"order": 5, "error": "Incorrect link"}', Outcome.AMBIGUOUS),  # contradictory
+        (200, '{"order": 5, "error": null}', Outcome.ACCEPTED),
+        (200, '{"error": ""}', Outcome.AMBIGUOUS),  # an empty error refuses nothing
+        (200, '{"error": {"code": 3}}', Outcome.REFUSED),
+        (404, '{"error": "Not found"}', Outcome.REFUSED),
+        (404, "<html>Not found</html>", Outcome.AMBIGUOUS),
+        (403, '{"order": 5}', Outcome.AMBIGUOUS),  # only a 2xx accepts
+        (302, "", Outcome.AMBIGUOUS),
+        (503, '{"error": "Not enough funds on balance"}', Outcome.AMBIGUOUS),  # 5xx first
+        (429, '{"error": "Slow down"}', Outcome.REFUSED),
+    ],
+)
+def test_classify_add_edges(status: int, body: str, outcome: Outcome) -> None:
+    started = time.perf_counter()
+    assert classify_add(status, JSON, body)[0] is outcome
+    assert time.perf_counter() - started < 0.5
+
+
+async def test_add_does_not_follow_redirects(
+    aiohttp_server: AiohttpServer, session: aiohttp.ClientSession
+) -> None:
+    hits: list[str] = []
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        hits.append(request.path)
+        if request.path == "/api/v2":
+            raise web.HTTPFound("/elsewhere")
+        return web.json_response({"order": 1})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    server = await aiohttp_server(app)
+    result = await UpstreamClient(provider(str(server.make_url("/api/v2"))), session).add(ORDER)
+    assert result.outcome is Outcome.AMBIGUOUS
+    assert hits == ["/api/v2"]
+
+
+async def test_add_refuses_key_or_action_in_params(
+    client: tuple[FakeUpstream, UpstreamClient],
+) -> None:
+    upstream, upstream_client = client
+    with pytest.raises(ValueError, match="key and action"):
+        await upstream_client.add({**ORDER, "key": "other"})
+    assert upstream.received == []
+
+
+# --- Network failures: real sockets --------------------------------------------------------------
+
+
+async def test_connection_refused_is_unreachable(session: aiohttp.ClientSession) -> None:
+    upstream_client = UpstreamClient(provider(f"http://127.0.0.1:{free_port()}/api/v2"), session)
+    result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.UNREACHABLE
+    assert result.upstream_order is None
+    assert result.error is not None and "ClientConnectorError" in result.error
+    with pytest.raises(UpstreamUnreachable) as caught:
+        await upstream_client.balance()
+    assert caught.value.outcome is Outcome.UNREACHABLE
+    assert_no_key(result.error, caught.value, caught.value.message)
+
+
+async def test_dns_failure_is_unreachable() -> None:
+    connector = aiohttp.TCPConnector(resolver=NoSuchHost())
+    async with aiohttp.ClientSession(connector=connector) as own_session:
+        upstream_client = UpstreamClient(provider("http://alpha.invalid/api/v2"), own_session)
+        result = await upstream_client.add(ORDER)
+        assert result.outcome is Outcome.UNREACHABLE
+        assert result.error is not None and "ClientConnectorDNSError" in result.error
+        with pytest.raises(UpstreamUnreachable):
+            await upstream_client.services()
+
+
+async def test_tls_handshake_that_never_ends_is_a_connect_timeout(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The TLS handshake belongs to connecting: a timeout there means nothing was sent."""
+    async with raw_server(until_client_leaves) as port:
+        upstream_client = UpstreamClient(
+            provider(f"https://127.0.0.1:{port}/api/v2", timeout=0.3), session
+        )
+        result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.UNREACHABLE
+    assert result.error is not None and "ConnectionTimeoutError" in result.error
+    assert result.latency < 0.3  # the connect timeout fired before the total one
+
+
+async def test_tls_failure_is_unreachable(session: aiohttp.ClientSession) -> None:
+    async with raw_server(tls_garbage) as port:
+        upstream_client = UpstreamClient(provider(f"https://127.0.0.1:{port}/api/v2"), session)
+        result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.UNREACHABLE
+    assert result.error is not None and "SSL" in result.error
+
+
+async def test_slow_answer_is_ambiguous(
+    aiohttp_server: AiohttpServer, session: aiohttp.ClientSession
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.8)
+        return web.json_response({"order": 1})
+
+    app = web.Application()
+    app.router.add_post("/api/v2", slow)
+    server = await aiohttp_server(app)
+    config = provider(str(server.make_url("/api/v2")), timeout=0.3)
+    result = await UpstreamClient(config, session).add(ORDER)
+    assert result.outcome is Outcome.AMBIGUOUS
+    assert 0.25 < result.latency < 0.8
+    assert result.error is not None and "TimeoutError" in result.error
+
+
+@pytest.mark.parametrize(
+    ("handler", "error"),
+    [
+        (answer_nothing, "TimeoutError"),
+        (reset_after_request, "Connection reset"),
+        (close_after_request, "ServerDisconnectedError"),
+        (truncated_answer, "ClientPayloadError"),
+    ],
+    ids=["never answers", "connection reset", "closed without answer", "truncated body"],
+)
+async def test_failures_after_sending_are_ambiguous(
+    handler: RawHandler, error: str, session: aiohttp.ClientSession
+) -> None:
+    async with raw_server(handler) as port:
+        config = provider(f"http://127.0.0.1:{port}/api/v2", timeout=0.3)
+        upstream_client = UpstreamClient(config, session)
+        result = await upstream_client.add(ORDER)
+        assert result.outcome is Outcome.AMBIGUOUS
+        assert result.error is not None and error in result.error
+        with pytest.raises(OutcomeUnknown, match=error) as caught:
+            await upstream_client.status([1])
+    assert_no_key(result.error, caught.value)
+
+
+async def test_oversized_answer_is_ambiguous(session: aiohttp.ClientSession) -> None:
+    async with raw_server(huge_answer) as port:
+        upstream_client = UpstreamClient(provider(f"http://127.0.0.1:{port}/api/v2"), session)
+        result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.AMBIGUOUS
+    assert result.error is not None and "too large" in result.error
+
+
+def connection_key() -> ConnectionKey:
+    return ConnectionKey("alpha.example", 443, True, True, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome"),
+    [
+        (aiohttp.ConnectionTimeoutError("Connection timeout"), Outcome.UNREACHABLE),
+        (
+            aiohttp.ClientConnectorError(connection_key(), ConnectionRefusedError(111, "refused")),
+            Outcome.UNREACHABLE,
+        ),
+        (
+            aiohttp.ClientConnectorDNSError(connection_key(), OSError(-2, "unknown name")),
+            Outcome.UNREACHABLE,
+        ),
+        (
+            aiohttp.ClientConnectorCertificateError(connection_key(), OSError(1, "bad cert")),
+            Outcome.UNREACHABLE,
+        ),
+        (
+            aiohttp.ClientConnectorSSLError(connection_key(), OSError(1, "handshake")),
+            Outcome.UNREACHABLE,
+        ),
+        (aiohttp.InvalidURL("alpha"), Outcome.UNREACHABLE),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), Outcome.AMBIGUOUS),
+        (aiohttp.ServerTimeoutError("timeout"), Outcome.AMBIGUOUS),
+        (TimeoutError(), Outcome.AMBIGUOUS),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), Outcome.AMBIGUOUS),
+        (aiohttp.ClientConnectionResetError("reset"), Outcome.AMBIGUOUS),
+        (aiohttp.ServerDisconnectedError(), Outcome.AMBIGUOUS),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), Outcome.AMBIGUOUS),
+        (ConnectionResetError(104, "reset"), Outcome.AMBIGUOUS),
+        (RuntimeError("unforeseen"), Outcome.AMBIGUOUS),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_classify_exception(exc: BaseException, outcome: Outcome) -> None:
+    assert classify_exception(exc) is outcome
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", STATUS_CASES, ids=[case["name"] for case in STATUS_CASES])
+def test_parse_status_item_vectors(case: dict[str, Any]) -> None:
+    for order_id, expect in case["expect"].items():
+        assert_status(parse_status_item(case["body"].get(order_id), case["quantity"]), expect)
+
+
+@pytest.mark.parametrize("case", STATUS_CASES, ids=[case["name"] for case in STATUS_CASES])
+async def test_status_vectors_over_http(
+    case: dict[str, Any], client: tuple[FakeUpstream, UpstreamClient]
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("status", case["body"])
+    ids = [int(order_id) for order_id in case.get("asked", case["expect"])]
+    got = await upstream_client.status(ids, {order_id: case["quantity"] for order_id in ids})
+    assert set(got) == set(ids)
+    for order_id in ids:
+        assert_status(got[order_id], case["expect"][str(order_id)])
+    assert upstream.received[0]["orders"] == ",".join(map(str, ids))
+
+
+def test_parse_status_item_edges() -> None:
+    item: dict[str, object] = {"status": "in_progress", "remains": "-3", "start_count": "-1"}
+    assert parse_status_item(item | {"charge": "-2"}, None) == UpstreamStatus(
+        v2.IN_PROGRESS, 0, None, None, None
+    )
+    item = {"status": "Partial", "remains": 5000, "charge": "1e999999", "currency": " usd "}
+    assert parse_status_item(item, None) == UpstreamStatus(v2.PARTIAL, 5000, None, None, "USD")
+    assert parse_status_item({"status": "Completed", "remains": "1e999999"}, 10) == UpstreamStatus(
+        v2.COMPLETED, None, None, None, None
+    )
+    assert parse_status_item({"status": "Completed", "error": None}, 10) is not None
+    assert parse_status_item({"status": None}, 10) is None
+    assert parse_status_item(["Completed"], 10) is None
+    assert parse_status_item(None, 10) is None
+
+
+async def test_status_many_shapes(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer(
+        "status",
+        {
+            "1": {"status": "Completed", "remains": "0", "charge": 0.9, "currency": "USD"},
+            "2": "Incorrect order ID",
+            "3": {"error": "Incorrect order ID"},
+            "4": {"status": "Pending"},
+        },
+    )
+    got = await upstream_client.status([1, 2, 3, 4, 5, 1])  # a duplicate is asked once
+    assert upstream.received[-1]["orders"] == "1,2,3,4,5"
+    assert got == {
+        1: UpstreamStatus(v2.COMPLETED, 0, None, Decimal("0.9"), "USD"),
+        2: None,
+        3: None,
+        4: UpstreamStatus(v2.PENDING, None, None, None, None),
+        5: None,
+    }
+    upstream.answer("status", [])  # PHP's empty keyed array
+    assert await upstream_client.status([7, 8]) == {7: None, 8: None}
+    upstream.answer("status", {"status": "Partial", "remains": "5", "charge": "1"})  # single shape
+    assert (await upstream_client.status([9], {9: 100}))[9] == UpstreamStatus(
+        v2.PARTIAL, 5, None, Decimal("1"), None
+    )
+
+
+async def test_status_whole_call_failures(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer("status", {"error": "Incorrect request"})
+    with pytest.raises(UpstreamRefused, match=r"^Incorrect request$"):
+        await upstream_client.status([1])
+    upstream.answer("status", b"<html>Maintenance</html>", ctype="text/html")
+    with pytest.raises(OutcomeUnknown):
+        await upstream_client.status([1])
+    upstream.answer("status", {"1": {"status": "Completed"}}, status=500)
+    with pytest.raises(OutcomeUnknown, match="HTTP 500"):
+        await upstream_client.status([1])
+    upstream.answer("status", "Completed")
+    with pytest.raises(OutcomeUnknown):
+        await upstream_client.status([1])
+
+
+async def test_status_batches_are_bounded(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    with pytest.raises(ValueError, match="at most 100"):
+        await upstream_client.status(list(range(1, 102)))
+    assert await upstream_client.status([]) == {}
+    assert upstream.received == []
+    upstream.answer("status", {})
+    assert len(await upstream_client.status(list(range(1, 101)))) == 100
+
+
+# --- refill, refill_status, cancel, balance, services ---------------------------------------------
+
+
+async def test_refill(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer("refill", {"refill": "1"})
+    assert await upstream_client.refill(23501) == 1
+    assert upstream.received[-1] == {"key": KEY, "action": "refill", "order": "23501"}
+    upstream.answer("refill", {"refill": 77})
+    assert await upstream_client.refill(23501) == 77
+    upstream.answer("refill", {"error": "Refill is disabled for this service"})
+    with pytest.raises(UpstreamRefused) as caught:
+        await upstream_client.refill(23501)
+    assert caught.value.message == "Refill is disabled for this service"
+    upstream.answer("refill", {"refill": {"error": "Incorrect order ID"}})
+    with pytest.raises(UpstreamRefused, match=r"^Incorrect order ID$"):
+        await upstream_client.refill(23501)
+    for garbage in ({"refill": 0}, {"refill": "soon"}, {"status": "ok"}, [1]):
+        upstream.answer("refill", garbage)
+        with pytest.raises(OutcomeUnknown):
+            await upstream_client.refill(23501)
+
+
+async def test_refill_status(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer(
+        "refill_status",
+        [
+            {"refill": 1, "status": "Completed"},
+            {"refill": "2", "status": "in progress"},
+            {"refill": 3, "status": {"error": "Refill not found"}},
+            {"refill": 4, "status": "Sleeping"},
+        ],
+    )
+    got = await upstream_client.refill_status([1, 2, 3, 4, 5])
+    assert got == {1: v2.COMPLETED, 2: v2.IN_PROGRESS, 3: None, 4: None, 5: None}
+    assert upstream.received[-1]["refills"] == "1,2,3,4,5"
+    upstream.answer("refill_status", {"1": {"status": "Rejected"}, "2": "Refill not found"})
+    assert await upstream_client.refill_status([1, 2]) == {1: v2.REJECTED, 2: None}
+    upstream.answer("refill_status", {"status": "Pending"})  # the single shape
+    assert await upstream_client.refill_status([6]) == {6: v2.PENDING}
+    upstream.answer("refill_status", {"error": "Incorrect request"})
+    with pytest.raises(UpstreamRefused):
+        await upstream_client.refill_status([1])
+
+
+async def test_cancel(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer(
+        "cancel",
+        [
+            {"order": 9, "cancel": {"error": "Incorrect order ID"}},
+            {"order": 2, "cancel": 1},
+            {"order": "3", "cancel": "1"},
+            {"order": 4, "cancel": 0},
+            {"order": 5, "cancel": "Cancel is disabled for this service"},
+        ],
+    )
+    got = await upstream_client.cancel([9, 2, 3, 4, 5, 6])
+    assert upstream.received[-1]["orders"] == "9,2,3,4,5,6"
+    assert got[9] == "Incorrect order ID"
+    assert got[2] is None and got[3] is None
+    assert got[4] == "cancel not accepted: 0"
+    assert got[5] == "Cancel is disabled for this service"
+    assert got[6] == "missing from the answer"
+    upstream.answer("cancel", {"cancel": True})  # the single shape
+    assert await upstream_client.cancel([8]) == {8: None}
+    upstream.answer("cancel", b"", ctype="text/html")
+    with pytest.raises(OutcomeUnknown):
+        await upstream_client.cancel([8])
+
+
+async def test_balance(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    upstream.answer("balance", {"balance": "100.84292", "currency": "USD"})
+    assert await upstream_client.balance() == (Decimal("100.84292"), "USD")
+    assert upstream.received[-1] == {"key": KEY, "action": "balance"}
+    upstream.answer("balance", {"balance": 0.1, "currency": "eur"})
+    assert await upstream_client.balance() == (Decimal("0.1"), "EUR")
+    upstream.answer("balance", {"balance": "-3.5"})  # credit; currency from the config
+    assert await upstream_client.balance() == (Decimal("-3.5"), "USD")
+    for garbage in ({"balance": "lots"}, {"currency": "USD"}, {"balance": "1e999"}, [1]):
+        upstream.answer("balance", garbage)
+        with pytest.raises(OutcomeUnknown):
+            await upstream_client.balance()
+    upstream.answer("balance", {"error": "Invalid API key"}, status=401)
+    with pytest.raises(UpstreamRefused):
+        await upstream_client.balance()
+
+
+SERVICE = {
+    "service": 1,
+    "name": "Followers",
+    "type": "Default",
+    "category": "First Category",
+    "rate": "0.90",
+    "min": "50",
+    "max": "10000",
+    "refill": True,
+    "cancel": True,
+    "dripfeed": False,
+}
+
+
+async def test_services(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    loose = {
+        **SERVICE,
+        "service": "2",
+        "rate": 1.2,
+        "min": 10,
+        "max": 20,
+        "refill": "0",
+        "cancel": 1,
+        "dripfeed": "true",
+    }
+    bare = {"service": 3, "name": "Views", "rate": "0.01", "min": "100", "max": "1000000"}
+    broken = [
+        {**SERVICE, "service": "x"},
+        {**SERVICE, "rate": "free"},
+        {**SERVICE, "min": "100", "max": "10"},
+        {**SERVICE, "name": None},
+        {**SERVICE, "rate": "-1"},
+        "Followers",
+    ]
+    upstream.answer("services", [SERVICE, *broken, loose, bare])
+    got = await upstream_client.services()
+    assert upstream.received[-1] == {"key": KEY, "action": "services"}
+    assert got == [
+        UpstreamService(
+            1,
+            "Followers",
+            "Default",
+            "First Category",
+            Decimal("0.90"),
+            50,
+            10000,
+            refill=True,
+            cancel=True,
+            dripfeed=False,
+        ),
+        UpstreamService(
+            2,
+            "Followers",
+            "Default",
+            "First Category",
+            Decimal("1.2"),
+            10,
+            20,
+            refill=False,
+            cancel=True,
+            dripfeed=True,
+        ),
+        UpstreamService(
+            3,
+            "Views",
+            "Default",
+            "",
+            Decimal("0.01"),
+            100,
+            1000000,
+            refill=False,
+            cancel=False,
+            dripfeed=False,
+        ),
+    ]
+    upstream.answer("services", {"1": SERVICE})  # keyed by ID
+    assert [service.service for service in await upstream_client.services()] == [1]
+
+
+@pytest.mark.parametrize(
+    "catalogue",
+    [[], {}, [{"service": "x"}, "Followers"], b'[{"service": 1, "name": ', b"<html></html>", 5],
+    ids=["empty list", "empty object", "nothing valid", "truncated", "HTML", "a number"],
+)
+async def test_broken_catalogue(
+    catalogue: object, client: tuple[FakeUpstream, UpstreamClient]
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("services", catalogue)
+    with pytest.raises(OutcomeUnknown):
+        await upstream_client.services()
+
+
+async def test_services_error_answer_is_refused(
+    client: tuple[FakeUpstream, UpstreamClient],
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("services", {"error": "Not enough funds on balance"})
+    with pytest.raises(UpstreamNoFunds) as caught:
+        await upstream_client.services()
+    assert caught.value.outcome is Outcome.NO_FUNDS
+    assert isinstance(caught.value, UpstreamRefused)
+
+
+# --- on_call records ------------------------------------------------------------------------------
+
+
+async def test_on_call_records_every_call(
+    fake: tuple[FakeUpstream, Provider], session: aiohttp.ClientSession
+) -> None:
+    upstream, config = fake
+    records: list[CallRecord] = []
+    upstream_client = UpstreamClient(config, session, on_call=records.append)
+    assert upstream_client.name == "alpha"
+    upstream.answer("add", {"order": 5})
+    upstream.answer("balance", {"error": "Not enough funds on balance"})
+    upstream.answer("status", b"<html>", ctype="text/html")
+    before = time.time()
+    result = await upstream_client.add(ORDER)
+    with pytest.raises(UpstreamNoFunds):
+        await upstream_client.balance()
+    with pytest.raises(OutcomeUnknown):
+        await upstream_client.status([1])
+    assert [(r.provider, r.action, r.outcome) for r in records] == [
+        ("alpha", "add", Outcome.ACCEPTED),
+        ("alpha", "balance", Outcome.NO_FUNDS),
+        ("alpha", "status", Outcome.AMBIGUOUS),
+    ]
+    assert before <= records[0].started_at <= records[1].started_at <= time.time()
+    assert all(0 <= r.latency < 5 for r in records)
+    assert records[0].latency == pytest.approx(result.latency, abs=0.01)
+
+
+async def test_on_call_records_network_failures(session: aiohttp.ClientSession) -> None:
+    records: list[CallRecord] = []
+    config = provider(f"http://127.0.0.1:{free_port()}/api/v2")
+    upstream_client = UpstreamClient(config, session, on_call=records.append)
+    await upstream_client.add(ORDER)
+    with pytest.raises(UpstreamUnreachable):
+        await upstream_client.cancel([1])
+    assert [(r.action, r.outcome) for r in records] == [
+        ("add", Outcome.UNREACHABLE),
+        ("cancel", Outcome.UNREACHABLE),
+    ]
+
+
+async def test_a_failing_hook_does_not_lose_the_order(
+    fake: tuple[FakeUpstream, Provider], session: aiohttp.ClientSession
+) -> None:
+    upstream, config = fake
+
+    def broken(record: CallRecord) -> None:
+        raise RuntimeError("metrics down")
+
+    upstream.answer("add", {"order": 5})
+    result = await UpstreamClient(config, session, on_call=broken).add(ORDER)
+    assert result == AddResult(Outcome.ACCEPTED, 5, None, result.latency)
+
+
+# --- The key never leaks --------------------------------------------------------------------------
+
+
+async def test_the_key_never_shows_in_errors(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    upstream, upstream_client = client
+    echo = {"error": f"Invalid API key {KEY}"}
+    upstream.answer("add", echo)
+    result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.REFUSED
+    assert result.error == "Invalid API key **********"
+    upstream.answer("add", f"<html>bad key {KEY}</html>".encode(), 502, "text/html")
+    result = await upstream_client.add(ORDER)
+    assert result.outcome is Outcome.AMBIGUOUS
+    assert_no_key(result, result.error)
+    errors: list[UpstreamError] = []
+    for action in ("status", "refill", "refill_status", "cancel", "balance", "services"):
+        upstream.answer(action, echo)
+    upstream.answer("cancel", [{"order": 1, "cancel": {"error": f"key {KEY} not allowed"}}])
+    assert await upstream_client.cancel([1]) == {1: "key ********** not allowed"}
+    upstream.answer("cancel", echo)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: upstream_client.status([1]),
+        lambda: upstream_client.refill(1),
+        lambda: upstream_client.refill_status([1]),
+        lambda: upstream_client.cancel([1]),
+        upstream_client.balance,
+        upstream_client.services,
+    ]
+    for call in calls:
+        with pytest.raises(UpstreamRefused) as caught:
+            await call()
+        errors.append(caught.value)
+    upstream.answer("balance", {"balance": f"{KEY}"})  # garbage that holds the key
+    with pytest.raises(OutcomeUnknown) as garbage:
+        await upstream_client.balance()
+    errors.append(garbage.value)
+    for error in errors:
+        assert_no_key(error, error.message, error.args, error.__cause__, error.__context__)
+
+
+@contextmanager
+def no_key_in_logs() -> Iterator[None]:
+    import structlog.testing
+
+    with structlog.testing.capture_logs() as logs:
+        yield
+    assert_no_key(logs)
+
+
+async def test_the_key_never_shows_in_network_errors(session: aiohttp.ClientSession) -> None:
+    with no_key_in_logs():
+        async with raw_server(reset_after_request) as port:
+            upstream_client = UpstreamClient(provider(f"http://127.0.0.1:{port}/api/v2"), session)
+            result = await upstream_client.add(ORDER)
+            with pytest.raises(OutcomeUnknown) as caught:
+                await upstream_client.refill(1)
+    assert result.outcome is Outcome.AMBIGUOUS
+    assert_no_key(result.error, caught.value, caught.value.message)
