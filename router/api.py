@@ -1,0 +1,296 @@
+"""The reseller endpoint: read parameters, authenticate, dispatch by action, shape v2 answers.
+
+Every answer is HTTP 200 `application/json`; every refusal is `{"error": ...}` with a V2.md
+message. Business rules live in `router.orders`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import structlog
+from aiohttp import web
+
+from router import v2
+from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
+from router.orders import OrderDesk, reseller_status
+from router.store import Order, Reseller
+
+log = structlog.get_logger("router.api")
+
+JSON: Final = "application/json"
+
+# Short, stable outcome labels for metrics and logs, one per V2.md error.
+_OUTCOMES: Final[dict[str, str]] = {
+    v2.INVALID_KEY: "invalid_key",
+    v2.INCORRECT_REQUEST: "incorrect_request",
+    v2.INCORRECT_SERVICE: "incorrect_service",
+    v2.INCORRECT_ORDER: "incorrect_order",
+    v2.NOT_ENOUGH_FUNDS: "not_enough_funds",
+    v2.INCORRECT_LINK: "incorrect_link",
+    v2.REFILL_DISABLED: "refill_disabled",
+    v2.CANCEL_DISABLED: "cancel_disabled",
+    v2.REFILL_NOT_FOUND: "refill_not_found",
+    v2.TOO_MANY_IDS: "too_many_ids",
+    v2.UNAVAILABLE: "unavailable",
+}
+
+
+def hash_key(key: str) -> str:
+    """How an API key is stored and looked up: its SHA-256, never the key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _outcome(message: str) -> str:
+    if message.startswith("Quantity"):
+        return "incorrect_quantity"
+    return _OUTCOMES.get(message, "error")
+
+
+def json_response(payload: Any) -> web.Response:
+    return web.Response(body=json.dumps(payload).encode(), content_type=JSON)
+
+
+def _form_pairs(raw: bytes | str) -> list[tuple[str, str]]:
+    """`a=1&b=2` decoded strictly as UTF-8; raise V2Error on bytes that are not."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+
+
+def _json_value(value: object) -> str:
+    """A JSON body's value as the string a form would carry (lists of IDs become `1,2,3`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        return ",".join(map(str, value))
+    raise v2.V2Error(v2.INCORRECT_REQUEST)
+
+
+async def read_params(request: web.Request) -> dict[str, str]:
+    """Query and body merged (the body wins), from GET, form, multipart or JSON requests."""
+    _, _, query = request.raw_path.partition("?")
+    params = dict(_form_pairs(query))
+    if request.method != "POST" or not request.body_exists:
+        return params
+    try:
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            for name, value in form.items():
+                if not isinstance(value, str):
+                    raise v2.V2Error(v2.INCORRECT_REQUEST)  # files have no place in v2
+                params[name] = value
+        elif request.content_type == JSON:
+            try:
+                data = json.loads((await request.read()).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+            if not isinstance(data, dict):
+                raise v2.V2Error(v2.INCORRECT_REQUEST)
+            params.update((str(name), _json_value(value)) for name, value in data.items())
+        else:  # form-urlencoded, and clients that send it without saying so
+            params.update(_form_pairs(await request.read()))
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # a broken multipart body
+        raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+    return params
+
+
+def order_view(order: Order, currency: str) -> dict[str, str]:
+    """`status` of one order, as V2.md shapes it (every value a string)."""
+    return {
+        "charge": v2.format_money(order.charge),
+        "start_count": str(order.start_count or 0),
+        "status": reseller_status(order),
+        "remains": str(order.quantity if order.remains is None else order.remains),
+        "currency": currency,
+    }
+
+
+Handler = Callable[["V2Api", Reseller, Mapping[str, str]], Awaitable[Any]]
+
+
+class V2Api:
+    """The `/api/v2` handler: one instance per app, bound to its order desk and metrics."""
+
+    def __init__(self, desk: OrderDesk, metrics: Metrics) -> None:
+        self.desk = desk
+        self.metrics = metrics
+        self.currency = desk.config.currency
+        self.services_body = json.dumps(
+            [
+                {
+                    "service": s.id,
+                    "name": s.name,
+                    "type": s.type,
+                    "category": s.category,
+                    "rate": v2.format_money(s.rate),
+                    "min": str(s.min),
+                    "max": str(s.max),
+                    "refill": s.refill,
+                    "cancel": s.cancel,
+                    "dripfeed": s.dripfeed,
+                }
+                for s in desk.config.services.values()
+            ]
+        ).encode()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+        action = UNKNOWN_ACTION
+        try:
+            params = await read_params(request)
+            raw_action = params.get("action", "")
+            action = raw_action if raw_action in ACTIONS else UNKNOWN_ACTION
+            structlog.contextvars.bind_contextvars(action=action)
+            reseller = await self._authenticate(params.get("key"))
+            structlog.contextvars.bind_contextvars(client_id=reseller.id)
+            handler = _HANDLERS.get(action)
+            if handler is None:
+                raise v2.V2Error(v2.INCORRECT_REQUEST)
+            payload = await handler(self, reseller, params)
+            response = payload if isinstance(payload, web.Response) else json_response(payload)
+            outcome = "ok"
+        except v2.V2Error as exc:
+            response = json_response({"error": exc.message})
+            outcome = _outcome(exc.message)
+        except Exception:
+            log.exception("request_failed")
+            response = json_response({"error": v2.UNAVAILABLE})
+            outcome = "internal_error"
+        duration = time.perf_counter() - started
+        self.metrics.requests.labels(action=action, outcome=outcome).inc()
+        self.metrics.request_duration.labels(action=action).observe(duration)
+        log.info("request", outcome=outcome, duration=round(duration, 6))
+        return response
+
+    async def _authenticate(self, key: str | None) -> Reseller:
+        if not key:
+            raise v2.V2Error(v2.INVALID_KEY)
+        reseller = await self.desk.store.reseller_by_key_hash(hash_key(key))
+        if reseller is None:
+            raise v2.V2Error(v2.INVALID_KEY)
+        return reseller
+
+    # --- actions ------------------------------------------------------------------------------
+
+    async def services(self, reseller: Reseller, params: Mapping[str, str]) -> web.Response:
+        return web.Response(body=self.services_body, content_type=JSON)
+
+    async def balance(self, reseller: Reseller, params: Mapping[str, str]) -> dict[str, str]:
+        return {"balance": v2.format_money(reseller.balance), "currency": self.currency}
+
+    async def add(self, reseller: Reseller, params: Mapping[str, str]) -> dict[str, int]:
+        return {"order": await self.desk.add(reseller, params)}
+
+    async def status(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
+        if "orders" in params:
+            ids = v2.parse_id_list(params["orders"])
+            orders = await self.desk.orders(reseller, [i for _, i in ids if i])
+            return {
+                sent: order_view(orders[i], self.currency)
+                if i in orders
+                else {"error": v2.INCORRECT_ORDER}
+                for sent, i in ids
+            }
+        order_id = _single_id(params.get("order"))
+        order = (await self.desk.orders(reseller, [order_id])).get(order_id)
+        if order is None:
+            raise v2.V2Error(v2.INCORRECT_ORDER)
+        return order_view(order, self.currency)
+
+    async def refill(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
+        if "orders" in params:
+            ids = v2.parse_id_list(params["orders"])
+            results = await self.desk.refill(reseller, [i for _, i in ids if i])
+            return [
+                {"order": i or sent, "refill": _refill_item(results.get(i) if i else None)}
+                for sent, i in ids
+            ]
+        order_id = _single_id(params.get("order"))
+        result = (await self.desk.refill(reseller, [order_id]))[order_id]
+        if isinstance(result, str):
+            raise v2.V2Error(result)
+        return {"refill": str(result)}
+
+    async def refill_status(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
+        if "refills" in params:
+            ids = v2.parse_id_list(params["refills"])
+            statuses = await self.desk.refill_status(reseller, [i for _, i in ids if i])
+            return [
+                {
+                    "refill": i or sent,
+                    "status": _item(statuses.get(i) if i else None, missing=v2.REFILL_NOT_FOUND),
+                }
+                for sent, i in ids
+            ]
+        refill_id = v2.parse_id(params.get("refill"))
+        status = None
+        if refill_id:
+            status = (await self.desk.refill_status(reseller, [refill_id]))[refill_id]
+        if status is None:
+            raise v2.V2Error(v2.REFILL_NOT_FOUND)
+        return {"status": status}
+
+    async def cancel(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
+        if "orders" in params:
+            ids = v2.parse_id_list(params["orders"])
+        else:
+            ids = [(params.get("order") or "", _single_id(params.get("order")))]
+        results = await self.desk.cancel(reseller, [i for _, i in ids if i])
+
+        def answer(order_id: int | None) -> Any:
+            error = results.get(order_id, v2.INCORRECT_ORDER) if order_id else v2.INCORRECT_ORDER
+            return 1 if error is None else {"error": error}
+
+        return [{"order": i or sent, "cancel": answer(i)} for sent, i in ids]
+
+
+def _single_id(raw: str | None) -> int:
+    """The `order` parameter: missing is a malformed request, anything else unknown or an ID."""
+    if raw is None:
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    order_id = v2.parse_id(raw)
+    if order_id is None:
+        raise v2.V2Error(v2.INCORRECT_ORDER)
+    return order_id
+
+
+def _item(result: str | None, *, missing: str) -> Any:
+    """A per-item status in a list, or `{"error": missing}`."""
+    return {"error": missing} if result is None else result
+
+
+def _refill_item(result: int | str | None) -> Any:
+    """`refill` per item: the local refill ID (int), or the error that stopped it."""
+    if isinstance(result, int):
+        return result
+    return {"error": result or v2.INCORRECT_ORDER}
+
+
+_HANDLERS: Final[dict[str, Handler]] = {
+    "services": V2Api.services,
+    "balance": V2Api.balance,
+    "add": V2Api.add,
+    "status": V2Api.status,
+    "refill": V2Api.refill,
+    "refill_status": V2Api.refill_status,
+    "cancel": V2Api.cancel,
+}

@@ -1,0 +1,198 @@
+"""The aiohttp application: typed state, one cleanup context per resource, the two listeners.
+
+Usage::
+
+    app = create_app(config)                       # the reseller API (+ /healthz)
+    await serve(config)                            # API and /metrics listeners until cancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from router import v2
+from router.api import V2Api
+from router.config import Config
+from router.metrics import Metrics
+from router.orders import OrderDesk
+from router.routing import ProviderState
+from router.store import CALL_RETENTION_SECONDS, Store
+from router.upstream import CallRecord, UpstreamClient
+
+log = structlog.get_logger("router.app")
+
+CALL_FLUSH_INTERVAL: Final = 1.0
+CALL_FLUSH_BATCH: Final = 500
+CALL_PRUNE_INTERVAL: Final = 3600.0
+CONNECTIONS_PER_PROVIDER: Final = 100
+
+CONFIG: Final = web.AppKey("config", Config)
+METRICS: Final = web.AppKey("metrics", Metrics)
+STORE: Final = web.AppKey("store", Store)
+SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
+CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])
+PROVIDER_STATES: Final = web.AppKey("provider_states", dict[str, ProviderState])
+DESK: Final = web.AppKey("desk", OrderDesk)
+API: Final = web.AppKey("api", V2Api)
+
+
+class CallLog:
+    """Upstream call records: counted in metrics at once, written to SQLite in batches."""
+
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._pending: list[CallRecord] = []
+        self._wake = asyncio.Event()
+
+    def record(self, call: CallRecord) -> None:
+        self.metrics.upstream_requests.labels(
+            provider=call.provider, action=call.action, outcome=str(call.outcome)
+        ).inc()
+        self.metrics.upstream_duration.labels(provider=call.provider, action=call.action).observe(
+            call.latency
+        )
+        self._pending.append(call)
+        if len(self._pending) >= CALL_FLUSH_BATCH:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        await self.store.record_calls(batch)
+
+    async def run(self) -> None:
+        """Flush every CALL_FLUSH_INTERVAL (or at once when a batch fills); prune old records."""
+        pruned_at = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), CALL_FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                await self.flush()
+                if time.monotonic() - pruned_at > CALL_PRUNE_INTERVAL:
+                    await self.store.prune_calls(time.time() - CALL_RETENTION_SECONDS)
+                    pruned_at = time.monotonic()
+            except Exception:
+                log.exception("call_log_flush_failed")
+
+
+CALLS: Final = web.AppKey("calls", CallLog)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = await Store.open(app[CONFIG].database)
+    held = await store.hold_interrupted_orders()
+    if held:
+        log.warning("interrupted_orders_held", count=held)
+    app[STORE] = store
+    app[CALLS] = CallLog(store, app[METRICS])
+    yield
+    await store.close()
+
+
+async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    calls = app[CALLS]
+    task = asyncio.create_task(calls.run(), name="call-log")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await calls.flush()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=CONNECTIONS_PER_PROVIDER),
+        timeout=aiohttp.ClientTimeout(total=max(p.timeout for p in config.providers.values())),
+        headers={"User-Agent": "smm-router"},
+    )
+    app[SESSION] = session
+    on_call = app[CALLS].record
+    app[CLIENTS] = {
+        name: UpstreamClient(provider, session, on_call=on_call)
+        for name, provider in config.providers.items()
+    }
+    app[PROVIDER_STATES] = {}
+    desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], states=app[PROVIDER_STATES])
+    app[DESK] = desk
+    app[API] = V2Api(desk, app[METRICS])
+    yield
+    await session.close()
+
+
+async def _v2(request: web.Request) -> web.Response:
+    return await request.app[API].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    await request.app[STORE].count_held()  # the database answers
+    return web.json_response({"status": "ok"})
+
+
+def create_app(
+    config: Config, *, background: bool = True, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """The reseller API application. `background=False` leaves out the sync loops (tests)."""
+    app = web.Application(client_max_size=v2.MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[METRICS] = Metrics(registry or CollectorRegistry(), providers=config.providers)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_call_log_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    for path in ("/api/v2", "/api/v1"):
+        app.router.add_route("GET", path, _v2)
+        app.router.add_route("POST", path, _v2)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+def create_metrics_app(api: web.Application) -> web.Application:
+    """The Prometheus listener's application, reading the API application's metrics."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        registry = api[METRICS]
+        registry.orders_held.set(await api[STORE].count_held())
+        return web.Response(
+            body=generate_latest(registry.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[web.Application], Awaitable[None]] | None = None,
+) -> None:
+    """Run the API and metrics listeners until cancelled."""
+    api = create_app(config)
+    api_runner = web.AppRunner(api, access_log=None)
+    metrics_runner = web.AppRunner(create_metrics_app(api), access_log=None)
+    await api_runner.setup()
+    await metrics_runner.setup()
+    try:
+        await web.TCPSite(api_runner, config.listen.host, config.listen.port).start()
+        await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port).start()
+        log.info(
+            "listening",
+            api=f"http://{config.listen.host}:{config.listen.port}/api/v2",
+            metrics=f"http://{config.metrics.host}:{config.metrics.port}/metrics",
+        )
+        if ready is not None:
+            await ready(api)
+        await asyncio.Event().wait()
+    finally:
+        await metrics_runner.cleanup()
+        await api_runner.cleanup()

@@ -1,0 +1,343 @@
+"""Orders: validate and place (reserve funds, try routes, record), status, refill and cancel.
+
+Usage::
+
+    desk = OrderDesk(config, store, clients, metrics)
+    order_id = await desk.add(reseller, params)        # raises V2Error
+    views = await desk.status(reseller, [1, 2, 3])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import structlog
+
+from router import routing, v2
+from router.config import Config, Route, Service
+from router.metrics import Metrics
+from router.routing import ProviderState
+from router.store import Attempt, NewOrder, Order, Reseller, Store
+from router.upstream import Outcome, UpstreamClient, UpstreamError, UpstreamRefused
+
+log = structlog.get_logger("router.orders")
+
+MAX_RUNS: Final = 1000
+MAX_INTERVAL_MINUTES: Final = 60 * 24 * 30
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    """A validated `add`: what to charge and what to send upstream (service ID aside)."""
+
+    service: Service
+    link: str
+    quantity: int  # charged quantity: runs x quantity for drip-feed, lines for counted types
+    charge: int  # minor units
+    upstream_params: Mapping[str, str]
+
+
+def _required_text(params: Mapping[str, str], name: str) -> str:
+    value = params.get(name)
+    if value is None or not value.strip():
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    return value
+
+
+def _positive(params: Mapping[str, str], name: str, maximum: int) -> int:
+    number = v2.parse_plain_int(params.get(name), maximum=maximum)
+    if not number:
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    return number
+
+
+def _quantity(params: Mapping[str, str], service: Service) -> int:
+    raw = params.get("quantity")
+    if raw is None or not raw.strip().isdecimal() or not raw.strip().isascii():
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    number = int(raw.strip()[:20])  # 20 digits already exceed any maximum
+    if number < service.min:
+        raise v2.V2Error(v2.quantity_below(service.min))
+    if number > service.max:
+        raise v2.V2Error(v2.quantity_above(service.max))
+    return number
+
+
+def validate_add(service: Service, params: Mapping[str, str]) -> AddRequest:
+    """Check an `add` against its local service (V2.md's type table); raise V2Error."""
+    kind = v2.SERVICE_TYPES[service.type]
+    sent: dict[str, str] = {}
+    link = v2.check_link(params.get("link"))
+    sent["link"] = link
+    for name in kind.params:
+        sent[name] = _required_text(params, name)
+    if kind.one_of:
+        present = [name for name in kind.one_of if (params.get(name) or "").strip()]
+        if not present:
+            raise v2.V2Error(v2.INCORRECT_REQUEST)
+        sent.update((name, params[name]) for name in present)
+    sent.update((name, params[name]) for name in kind.optional if name in params)
+
+    dripfeed = "runs" in params or "interval" in params
+    if dripfeed and not (service.dripfeed and kind.dripfeed):
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+
+    if kind.quantity == "flat":
+        return AddRequest(service, link, 1, v2.to_minor(service.rate), sent)
+    if kind.quantity == "param":
+        per_run = _quantity(params, service)
+        sent["quantity"] = str(per_run)
+        quantity = per_run
+        if dripfeed:
+            runs = _positive(params, "runs", MAX_RUNS)
+            interval = _positive(params, "interval", MAX_INTERVAL_MINUTES)
+            sent.update(runs=str(runs), interval=str(interval))
+            quantity = runs * per_run
+    else:
+        quantity = len(v2.non_empty_lines(sent[kind.quantity]))
+        if quantity == 0:
+            raise v2.V2Error(v2.INCORRECT_REQUEST)
+        if quantity < service.min:
+            raise v2.V2Error(v2.quantity_below(service.min))
+        if quantity > service.max:
+            raise v2.V2Error(v2.quantity_above(service.max))
+    return AddRequest(service, link, quantity, v2.order_charge(service.rate, quantity), sent)
+
+
+def reseller_status(order: Order) -> str:
+    """The v2 word a reseller sees: an order not yet placed upstream is Pending."""
+    return order.status if order.state == "placed" else v2.PENDING
+
+
+class OrderDesk:
+    """Business rules of the reseller API, over the store and the upstream clients."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clients: Mapping[str, UpstreamClient],
+        metrics: Metrics,
+        *,
+        states: MutableMapping[str, ProviderState] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clients = clients
+        self.metrics = metrics
+        self.states: MutableMapping[str, ProviderState] = states if states is not None else {}
+        self.clock = clock
+
+    def service(self, raw: str | None) -> Service:
+        service_id = v2.parse_id(raw)
+        service = self.config.services.get(service_id) if service_id else None
+        if service is None:
+            raise v2.V2Error(v2.INCORRECT_SERVICE)
+        return service
+
+    # --- add ----------------------------------------------------------------------------------
+
+    async def add(self, reseller: Reseller, params: Mapping[str, str]) -> int:
+        """Place an order and return its local ID; raise V2Error when it is refused."""
+        request = validate_add(self.service(params.get("service")), params)
+        service = request.service
+        routes = routing.plan(service, self.states, now=self.clock())
+        if not routes:
+            raise v2.V2Error(v2.UNAVAILABLE)
+        first = routes[0][1]
+        order_id = await self.store.reserve_order(
+            NewOrder(
+                reseller_id=reseller.id,
+                service=service.id,
+                link=request.link,
+                quantity=request.quantity,
+                charge=request.charge,
+                params=request.upstream_params,
+                provider=first.provider,
+                upstream_service=first.service,
+            )
+        )
+        if order_id is None:
+            raise v2.V2Error(v2.NOT_ENOUGH_FUNDS)
+        structlog.contextvars.bind_contextvars(order_id=order_id)
+        # From here the order exists and its funds are reserved: finish it even if the request
+        # is cancelled, or a restart finds it `placing` and holds it.
+        return await asyncio.shield(self._place(order_id, request, routes))
+
+    async def _place(
+        self, order_id: int, request: AddRequest, routes: Sequence[tuple[int, Route]]
+    ) -> int:
+        service = request.service
+        attempts: list[Attempt] = []
+        for position, (rank, route) in enumerate(routes):
+            if position:
+                await self.store.note_route(order_id, route.provider, route.service)
+            structlog.contextvars.bind_contextvars(provider=route.provider)
+            started = time.time()
+            result = await self.clients[route.provider].add(
+                {"service": str(route.service), **request.upstream_params}
+            )
+            attempts.append(
+                Attempt(
+                    rank=rank,
+                    provider=route.provider,
+                    upstream_service=route.service,
+                    started_at=started,
+                    latency=result.latency,
+                    outcome=str(result.outcome),
+                    error=result.error,
+                    upstream_order=result.upstream_order,
+                )
+            )
+            self.states[route.provider] = routing.after_outcome(
+                self.states.get(route.provider), result.outcome, now=self.clock()
+            )
+            if result.outcome is Outcome.ACCEPTED:
+                await self.store.settle_order(
+                    order_id,
+                    state="placed",
+                    attempts=attempts,
+                    provider=route.provider,
+                    upstream_service=route.service,
+                    upstream_order=result.upstream_order,
+                )
+                self.metrics.orders.labels(service=str(service.id), state="placed").inc()
+                return order_id
+            if not routing.fails_over(result.outcome):
+                await self.store.settle_order(
+                    order_id,
+                    state="held",
+                    attempts=attempts,
+                    provider=route.provider,
+                    upstream_service=route.service,
+                )
+                self.metrics.orders.labels(service=str(service.id), state="held").inc()
+                log.warning(
+                    "order_held", order_id=order_id, provider=route.provider, error=result.error
+                )
+                return order_id
+            self.metrics.failovers.labels(
+                service=str(service.id), provider=route.provider, reason=str(result.outcome)
+            ).inc()
+        await self.store.settle_order(order_id, state="failed", attempts=attempts)
+        self.metrics.orders.labels(service=str(service.id), state="failed").inc()
+        raise v2.V2Error(v2.UNAVAILABLE)
+
+    # --- status -------------------------------------------------------------------------------
+
+    async def orders(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, Order]:
+        """The reseller's orders among `order_ids`; another reseller's look unknown."""
+        return await self.store.orders_of(reseller.id, order_ids)
+
+    # --- refill -------------------------------------------------------------------------------
+
+    async def refill(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, int | str]:
+        """Ask the provider holding each order for a refill: local refill ID, or error text."""
+        orders = await self.orders(reseller, order_ids)
+        results: dict[int, int | str] = {}
+        todo: list[Order] = []
+        for order_id in dict.fromkeys(order_ids):
+            order = orders.get(order_id)
+            if order is None:
+                results[order_id] = v2.INCORRECT_ORDER
+            elif not self._offers(order, "refill"):
+                results[order_id] = v2.REFILL_DISABLED
+            elif order.state != "placed" or order.upstream_order is None:
+                results[order_id] = v2.UNAVAILABLE
+            else:
+                todo.append(order)
+
+        async def one(order: Order) -> int | str:
+            assert order.provider is not None and order.upstream_order is not None
+            try:
+                upstream_refill = await self.clients[order.provider].refill(order.upstream_order)
+            except UpstreamRefused as exc:
+                return exc.message
+            except UpstreamError:
+                return v2.UNAVAILABLE
+            return await self.store.create_refill(order, upstream_refill)
+
+        for order, result in zip(todo, await asyncio.gather(*map(one, todo)), strict=True):
+            results[order.id] = result
+        return results
+
+    async def refill_status(
+        self, reseller: Reseller, refill_ids: Sequence[int]
+    ) -> dict[int, str | None]:
+        """Each refill's status, refreshed from its provider; None for an unknown refill."""
+        refills = await self.store.refills_of(reseller.id, refill_ids)
+        fresh: dict[int, str] = {}
+        by_provider = _group(refills.values(), lambda refill: refill.provider)
+        for provider, group in by_provider.items():
+            client = self.clients.get(provider)
+            if client is None:
+                continue
+            try:
+                answers = await client.refill_status([r.upstream_refill for r in group])
+            except UpstreamError as exc:
+                log.warning("refill_status_failed", provider=provider, error=exc.message)
+                continue
+            for refill in group:
+                word = answers.get(refill.upstream_refill)
+                if word is not None and word != refill.status:
+                    fresh[refill.id] = word
+        await self.store.set_refill_statuses(fresh)
+        return {
+            refill_id: fresh.get(refill_id, refills[refill_id].status)
+            if refill_id in refills
+            else None
+            for refill_id in refill_ids
+        }
+
+    # --- cancel -------------------------------------------------------------------------------
+
+    async def cancel(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, str | None]:
+        """Forward a cancel for each order: None when requested, else the error text."""
+        orders = await self.orders(reseller, order_ids)
+        results: dict[int, str | None] = {}
+        todo: list[Order] = []
+        for order_id in dict.fromkeys(order_ids):
+            order = orders.get(order_id)
+            if order is None:
+                results[order_id] = v2.INCORRECT_ORDER
+            elif not self._offers(order, "cancel"):
+                results[order_id] = v2.CANCEL_DISABLED
+            elif order.state != "placed" or order.upstream_order is None:
+                results[order_id] = v2.UNAVAILABLE
+            else:
+                todo.append(order)
+
+        async def one_provider(provider: str, group: list[Order]) -> None:
+            upstream_ids = [order.upstream_order for order in group if order.upstream_order]
+            try:
+                answers = await self.clients[provider].cancel(upstream_ids)
+            except UpstreamError as exc:
+                log.warning("cancel_failed", provider=provider, error=exc.message)
+                answers = {upstream_id: v2.UNAVAILABLE for upstream_id in upstream_ids}
+            for order in group:
+                assert order.upstream_order is not None
+                results[order.id] = answers.get(order.upstream_order, v2.UNAVAILABLE)
+
+        by_provider = _group(todo, lambda order: order.provider or "")
+        await asyncio.gather(*(one_provider(p, group) for p, group in by_provider.items()))
+        return results
+
+    def _offers(self, order: Order, feature: str) -> bool:
+        service = self.config.services.get(order.service)
+        return bool(service is not None and getattr(service, feature))
+
+
+def _group(items: Iterable[T], key: Callable[[T], K]) -> dict[K, list[T]]:
+    groups: dict[K, list[T]] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return dict(groups)

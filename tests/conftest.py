@@ -1,0 +1,182 @@
+"""Fixtures: real simulated providers and the real router app, on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from router import v2
+from router.api import hash_key
+from router.app import STORE, create_app
+from router.config import Config, Listener, Provider, Route, Secret, Service, Sync
+from router.sim import SimProvider
+from router.store import Store
+
+SIM_KEY = "sim-secret-key-0123456789"
+
+
+def service(
+    service_id: int,
+    route: Iterable[tuple[str, int]],
+    *,
+    type: str = "Default",
+    rate: str = "1.00",
+    min: int = 10,
+    max: int = 10000,
+    refill: bool = True,
+    cancel: bool = True,
+    dripfeed: bool = False,
+) -> Service:
+    return Service(
+        id=service_id,
+        name=f"Service {service_id}",
+        category="Tests",
+        type=type,
+        rate=Decimal(rate),
+        min=min,
+        max=max,
+        refill=refill,
+        cancel=cancel,
+        dripfeed=dripfeed,
+        route=tuple(Route(provider, upstream) for provider, upstream in route),
+    )
+
+
+def build_config(
+    database: Path,
+    providers: dict[str, str],
+    services: Iterable[Service],
+    *,
+    timeout: float = 2.0,
+) -> Config:
+    """A config whose providers (name -> URL) all use SIM_KEY."""
+    return Config(
+        listen=Listener("127.0.0.1", 0),
+        metrics=Listener("127.0.0.1", 0),
+        database=database,
+        currency="USD",
+        providers=MappingProxyType(
+            {
+                name: Provider(name=name, url=url, key=Secret(SIM_KEY), timeout=timeout)
+                for name, url in providers.items()
+            }
+        ),
+        services=MappingProxyType({s.id: s for s in services}),
+        sync=Sync(status_interval=0.2, balance_interval=0.2, catalogue_interval=0.2),
+    )
+
+
+@dataclass
+class Router:
+    """The router under test, with helpers to call its v2 API in any encoding."""
+
+    client: TestClient[web.Request, web.Application]
+    config: Config
+    registry: CollectorRegistry
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.server.app  # type: ignore[return-value]
+
+    @property
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    async def reseller(self, name: str = "acme", balance: str = "100") -> str:
+        key = f"key-of-{name}-{len(self.keys)}"
+        await self.store.create_reseller(name, hash_key(key), v2.to_minor(Decimal(balance)))
+        self.keys[name] = key
+        return key
+
+    async def call(self, encoding: str = "form", /, **params: Any) -> Any:
+        """One v2 request; returns the decoded JSON after checking HTTP 200 + JSON type."""
+        response = await self.raw(encoding, **params)
+        assert response.status == 200, await response.text()
+        assert response.content_type == "application/json"
+        return await response.json()
+
+    async def raw(self, encoding: str = "form", /, **params: Any) -> aiohttp.ClientResponse:
+        fields = {k: str(v) for k, v in params.items()}
+        if encoding == "get":
+            return await self.client.get("/api/v2", params=fields)
+        if encoding == "form":
+            return await self.client.post("/api/v2", data=fields)
+        if encoding == "multipart":
+            form = aiohttp.FormData()
+            for name, value in fields.items():
+                form.add_field(name, value)
+            form._is_multipart = True  # force multipart/form-data even without files
+            return await self.client.post("/api/v2", data=form)
+        if encoding == "json":
+            return await self.client.post(
+                "/api/v2",
+                data=json.dumps(fields),
+                headers={"Content-Type": "application/json"},
+            )
+        raise ValueError(encoding)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+SimFactory = Callable[..., Awaitable[SimProvider]]
+RouterFactory = Callable[..., Awaitable[Router]]
+
+
+@pytest.fixture
+async def start_sim() -> AsyncIterator[SimFactory]:
+    """Start simulated providers on ephemeral loopback ports; stopped at teardown."""
+    sims: list[SimProvider] = []
+
+    async def start(**kwargs: Any) -> SimProvider:
+        kwargs.setdefault("key", SIM_KEY)
+        sim = SimProvider(**kwargs)
+        await sim.start()
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        await sim.stop()
+
+
+@pytest.fixture
+async def start_router(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    tmp_path: Path,
+) -> RouterFactory:
+    """Start the router app against the given providers (name -> URL) and services."""
+
+    async def start(
+        providers: dict[str, str], services: Iterable[Service], *, upstream_timeout: float = 2.0
+    ) -> Router:
+        config = build_config(tmp_path / "router.db", providers, services, timeout=upstream_timeout)
+        registry = CollectorRegistry()
+        app = create_app(config, background=False, registry=registry)
+        client = await aiohttp_client(app)
+        return Router(client, config, registry)
+
+    return start
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (for `unreachable`)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -1,0 +1,201 @@
+"""Bad input: each gets its V2.md error over HTTP 200 JSON, and changes nothing."""
+
+from __future__ import annotations
+
+import io
+import urllib.parse
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from router import v2
+from tests.conftest import Router, RouterFactory, SimFactory, service
+
+GOOD = {"action": "add", "service": "1", "link": "https://instagram.com/x", "quantity": "100"}
+
+
+@pytest.fixture
+async def world(start_sim: SimFactory, start_router: RouterFactory) -> Any:
+    sim = await start_sim()
+    router = await start_router(
+        {"alpha": sim.url},
+        [
+            service(1, [("alpha", 101)], rate="1.00", min=50, max=10000),
+            service(2, [("alpha", 103)], type="Custom Comments", rate="10.00", min=1, max=100),
+            service(3, [("alpha", 105)], type="Mentions", rate="2.00", min=10, max=1000),
+        ],
+    )
+    key = await router.reseller("acme", "100")
+    other_key = await router.reseller("other", "100")
+    other_order = (await router.call(key=other_key, **GOOD))["order"]
+    sim.received.clear()
+    return sim, router, key, other_order
+
+
+async def snapshot(router: Router) -> tuple[Any, ...]:
+    acme = await router.store.reseller_by_name("acme")
+    assert acme is not None
+    return (
+        acme.balance,
+        await router.store.ledger_sum(acme.id),
+        await router.store.count_orders(),
+        len(await router.store.ledger(acme.id)),
+    )
+
+
+CASES: list[tuple[str, dict[str, str | None], str]] = [
+    ("missing key", {"key": None}, v2.INVALID_KEY),
+    ("wrong key", {"key": "not-a-key"}, v2.INVALID_KEY),
+    ("empty key", {"key": ""}, v2.INVALID_KEY),
+    ("unknown action", {"action": "transfer"}, v2.INCORRECT_REQUEST),
+    ("missing action", {"action": None}, v2.INCORRECT_REQUEST),
+    ("missing quantity", {"quantity": None}, v2.INCORRECT_REQUEST),
+    ("non-numeric quantity", {"quantity": "lots"}, v2.INCORRECT_REQUEST),
+    ("negative quantity", {"quantity": "-100"}, v2.INCORRECT_REQUEST),
+    ("fractional quantity", {"quantity": "100.5"}, v2.INCORRECT_REQUEST),
+    ("huge quantity", {"quantity": "9" * 40}, v2.quantity_above(10000)),
+    ("quantity below min", {"quantity": "49"}, v2.quantity_below(50)),
+    ("zero quantity", {"quantity": "0"}, v2.quantity_below(50)),
+    ("quantity above max", {"quantity": "10001"}, v2.quantity_above(10000)),
+    ("unknown service", {"service": "999"}, v2.INCORRECT_SERVICE),
+    ("non-numeric service", {"service": "one"}, v2.INCORRECT_SERVICE),
+    ("missing service", {"service": None}, v2.INCORRECT_SERVICE),
+    ("missing link", {"link": None}, v2.INCORRECT_LINK),
+    ("empty link", {"link": "  "}, v2.INCORRECT_LINK),
+    ("over-long link", {"link": "https://x.com/" + "a" * 2040}, v2.INCORRECT_LINK),
+    ("control character in link", {"link": "https://x.com/\x00a"}, v2.INCORRECT_LINK),
+    ("comments missing", {"service": "2", "quantity": None}, v2.INCORRECT_REQUEST),
+    ("comments blank", {"service": "2", "comments": "\n \r\n"}, v2.INCORRECT_REQUEST),
+    ("usernames missing for mentions", {"service": "3"}, v2.INCORRECT_REQUEST),
+    ("drip-feed without it", {"runs": "3", "interval": "10"}, v2.INCORRECT_REQUEST),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "error"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_add(world: Any, name: str, change: dict[str, str | None], error: str) -> None:
+    sim, router, key, _ = world
+    params: dict[str, str | None] = {"key": key, **GOOD, **change}
+    before = await snapshot(router)
+    answer = await router.call("form", **{k: v for k, v in params.items() if v is not None})
+    assert answer == {"error": error}
+    assert await snapshot(router) == before
+    assert sim.received_actions("add") == []
+
+
+async def test_disabled_key(world: Any) -> None:
+    _, router, key, _ = world
+    await router.store.set_enabled("acme", False)
+    assert await router.call(key=key, action="balance") == {"error": v2.INVALID_KEY}
+
+
+async def test_not_enough_funds(world: Any) -> None:
+    sim, router, key, _ = world
+    await router.store.adjust_balance(
+        "acme", -v2.to_minor(Decimal("99.95")), kind="adjustment", note="leave 0.05"
+    )
+    before = await snapshot(router)
+    answer = await router.call(key=key, **GOOD)  # 100 at 1.00 per 1000 costs 0.10
+    assert answer == {"error": v2.NOT_ENOUGH_FUNDS}
+    assert await snapshot(router) == before
+    assert sim.received_actions("add") == []
+
+
+@pytest.mark.parametrize("field", ["orders", "refills"])
+async def test_more_than_100_ids(world: Any, field: str) -> None:
+    _, router, key, _ = world
+    action = {"orders": "status", "refills": "refill_status"}[field]
+    ids = ",".join(str(i) for i in range(1, 102))
+    assert await router.call(key=key, action=action, **{field: ids}) == {"error": v2.TOO_MANY_IDS}
+    for other in ("refill", "cancel"):
+        answer = await router.call(key=key, action=other, orders=ids)
+        assert answer == {"error": v2.TOO_MANY_IDS}
+
+
+async def test_non_numeric_ids(world: Any) -> None:
+    _, router, key, _ = world
+    assert await router.call(key=key, action="status", order="abc") == {"error": v2.INCORRECT_ORDER}
+    answer = await router.call(key=key, action="status", orders="abc,-1,1e3")
+    assert answer == {k: {"error": v2.INCORRECT_ORDER} for k in ("abc", "-1", "1e3")}
+    assert await router.call(key=key, action="refill", order="x") == {"error": v2.INCORRECT_ORDER}
+    assert await router.call(key=key, action="refill_status", refill="x") == {
+        "error": v2.REFILL_NOT_FOUND
+    }
+    assert await router.call(key=key, action="cancel", orders="x") == [
+        {"order": "x", "cancel": {"error": v2.INCORRECT_ORDER}}
+    ]
+
+
+async def test_another_resellers_order_looks_unknown(world: Any) -> None:
+    sim, router, key, other_order = world
+    unknown = other_order + 1000
+    for action, field in [("status", "order"), ("refill", "order")]:
+        theirs = await router.call(key=key, action=action, **{field: other_order})
+        nobody = await router.call(key=key, action=action, **{field: unknown})
+        assert theirs == nobody == {"error": v2.INCORRECT_ORDER}
+    theirs = await router.call(key=key, action="status", orders=str(other_order))
+    assert theirs == {str(other_order): {"error": v2.INCORRECT_ORDER}}
+    theirs = await router.call(key=key, action="cancel", orders=str(other_order))
+    assert theirs == [{"order": other_order, "cancel": {"error": v2.INCORRECT_ORDER}}]
+    assert sim.received_actions("cancel") == []
+    assert sim.received_actions("refill") == []
+
+
+async def test_malformed_json(world: Any) -> None:
+    _, router, key, _ = world
+    before = await snapshot(router)
+    for body in (
+        b'{"key": "' + key.encode() + b'", "action": "add"',
+        b"[1, 2]",
+        b'"text"',
+        b'{"key": {"nested": 1}}',
+    ):
+        response = await router.client.post(
+            "/api/v2", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert await response.json() == {"error": v2.INCORRECT_REQUEST}
+    assert await snapshot(router) == before
+
+
+async def test_body_over_the_size_limit(world: Any) -> None:
+    _, router, key, _ = world
+    before = await snapshot(router)
+    big = {"key": key, **GOOD, "comments": "x" * (v2.MAX_BODY_BYTES + 10)}
+    body = io.BytesIO(urllib.parse.urlencode(big).encode())  # a stream: aiohttp warns on big bytes
+    response = await router.client.post(
+        "/api/v2", data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status == 200
+    assert await response.json() == {"error": v2.INCORRECT_REQUEST}
+    assert await snapshot(router) == before
+
+
+async def test_non_utf8_bytes(world: Any) -> None:
+    _, router, key, _ = world
+    before = await snapshot(router)
+    body = f"key={key}&action=add&service=1&quantity=100&link=".encode() + b"\xff\xfe%FF"
+    for headers in (
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/json"},
+    ):
+        response = await router.client.post("/api/v2", data=body, headers=headers)
+        assert response.status == 200
+        assert await response.json() == {"error": v2.INCORRECT_REQUEST}
+    response = await router.client.get(f"/api/v2?key={key}&action=balance&x=%FF")
+    assert await response.json() == {"error": v2.INCORRECT_REQUEST}
+    assert await snapshot(router) == before
+
+
+async def test_key_never_in_answers_or_logs(world: Any) -> None:
+    from structlog.testing import capture_logs
+
+    _, router, key, _ = world
+    with capture_logs() as logs:
+        answer = await router.call(key=key + "x", action="balance")
+        await router.call(key=key, **GOOD)
+    assert key not in str(answer)
+    assert logs and key not in repr(logs)
+    requests = [entry for entry in logs if entry["event"] == "request"]
+    assert [entry["outcome"] for entry in requests] == ["invalid_key", "ok"]

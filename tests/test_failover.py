@@ -1,0 +1,143 @@
+"""Failover for each outcome class, against real simulators (and a port with nothing on it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from router import v2
+from router.sim import Fault
+from tests.conftest import RouterFactory, SimFactory, free_port, service
+
+
+async def _two_providers(
+    start_sim: SimFactory,
+    start_router: RouterFactory,
+    *,
+    upstream_timeout: float = 2.0,
+    **sim_kwargs: float,
+):
+    first = await start_sim(**sim_kwargs)
+    second = await start_sim()
+    router = await start_router(
+        {"first": first.url, "second": second.url},
+        [service(1, [("first", 101), ("second", 101)], rate="1.00")],
+        upstream_timeout=upstream_timeout,
+    )
+    key = await router.reseller("acme", "10")
+    return first, second, router, key
+
+
+async def _ledger_balances(router, key: str, expected_balance: str) -> None:
+    reseller = await router.store.reseller_by_name("acme")
+    assert reseller is not None
+    assert v2.format_money(reseller.balance) == expected_balance
+    assert await router.store.ledger_sum(reseller.id) == reseller.balance
+    answer = await router.call(key=key, action="balance")
+    assert answer["balance"] == expected_balance
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"), [(Fault.REFUSE, "refused"), (Fault.NO_FUNDS, "no_funds")]
+)
+async def test_refusals_fail_over(
+    start_sim: SimFactory, start_router: RouterFactory, fault: Fault, reason: str
+) -> None:
+    first, second, router, key = await _two_providers(start_sim, start_router)
+    first.set_fault(101, fault)
+
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=1000)
+
+    order = await router.store.order(answer["order"])
+    assert order is not None and order.state == "placed" and order.provider == "second"
+    assert len(first.received_actions("add")) == 1
+    assert len(second.received_actions("add")) == 1
+    attempts = await router.store.attempts(order.id)
+    assert [(a.provider, a.outcome) for a in attempts] == [
+        ("first", reason),
+        ("second", "accepted"),
+    ]
+    assert attempts[1].upstream_order == order.upstream_order
+    assert all(a.latency >= 0 for a in attempts)
+    assert (
+        router.metric("smm_router_failovers_total", service="1", provider="first", reason=reason)
+        == 1
+    )
+    await _ledger_balances(router, key, "9.00")
+
+
+async def test_no_funds_benches_the_provider(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    first, second, router, key = await _two_providers(start_sim, start_router)
+    first.set_fault(101, Fault.NO_FUNDS)
+    for _ in range(3):
+        await router.call(key=key, action="add", service=1, link="x", quantity=100)
+    assert len(first.received_actions("add")) == 1  # benched after its first refusal
+    assert len(second.received_actions("add")) == 3
+
+
+async def test_unreachable_fails_over(start_sim: SimFactory, start_router: RouterFactory) -> None:
+    second = await start_sim()
+    router = await start_router(
+        {"down": f"http://127.0.0.1:{free_port()}/api/v2", "second": second.url},
+        [service(1, [("down", 5), ("second", 101)])],
+    )
+    key = await router.reseller("acme", "10")
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=100)
+    order = await router.store.order(answer["order"])
+    assert order is not None and order.state == "placed" and order.provider == "second"
+    attempts = await router.store.attempts(order.id)
+    assert [a.outcome for a in attempts] == ["unreachable", "accepted"]
+
+
+async def test_stopped_provider_is_unreachable(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    first, _, router, key = await _two_providers(start_sim, start_router)
+    await first.stop()
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=100)
+    order = await router.store.order(answer["order"])
+    assert order is not None and order.provider == "second" and order.state == "placed"
+
+
+@pytest.mark.parametrize("fault", [Fault.HTML_502, Fault.SLOW, Fault.RESET])
+async def test_ambiguous_holds_and_never_resends(
+    start_sim: SimFactory, start_router: RouterFactory, fault: Fault
+) -> None:
+    first, second, router, key = await _two_providers(
+        start_sim, start_router, upstream_timeout=0.5, slow_seconds=1.5
+    )
+    first.set_fault(101, fault)
+
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=1000)
+
+    assert set(answer) == {"order"}
+    assert second.received_actions("add") == []  # never re-sent anywhere
+    order = await router.store.order(answer["order"])
+    assert order is not None and order.state == "held" and order.provider == "first"
+    attempts = await router.store.attempts(order.id)
+    assert [(a.provider, a.outcome) for a in attempts] == [("first", "ambiguous")]
+    status = await router.call(key=key, action="status", order=order.id)
+    assert status["status"] == "Pending"
+    await _ledger_balances(router, key, "9.00")  # funds stay reserved
+    assert await router.store.count_held() == 1
+    assert router.metric("smm_router_orders_total", service="1", state="held") == 1
+
+
+async def test_every_route_refused_refunds(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    first, second, router, key = await _two_providers(start_sim, start_router)
+    first.set_fault(None, Fault.REFUSE)
+    second.set_fault(None, Fault.REFUSE)
+
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=1000)
+
+    assert answer == {"error": v2.UNAVAILABLE}
+    await _ledger_balances(router, key, "10.00")
+    reseller = await router.store.reseller_by_name("acme")
+    assert reseller is not None
+    kinds = [entry.kind for entry in await router.store.ledger(reseller.id)]
+    assert kinds == ["topup", "charge", "refund"]
+    counts = await router.store.count_orders(reseller.id)
+    assert counts == {"failed": 1}
