@@ -1,0 +1,104 @@
+"""`smm-router demo`: simulated providers, the router and a demo reseller, in one process.
+
+The providers of the config whose URL points at this machine are started as simulators, in
+the order of the file: the first healthy, the second out of funds on upstream service 101, the
+third flaky (refusals, 502 pages and answers slower than the router waits for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from decimal import Decimal
+from typing import Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from router import v2
+from router.api import hash_key
+from router.app import serve
+from router.cli import new_key
+from router.config import Config
+from router.sim import Fault, SimProvider
+from router.store import Store
+
+DEMO_RESELLER: Final = "demo"
+DEMO_BALANCE: Final = Decimal("100")
+DEMO_PROGRESS_SECONDS: Final = 120.0
+LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def local_providers(config: Config) -> list[tuple[str, int, str]]:
+    """(name, port, key) of each provider this machine should simulate, in config order."""
+    found = []
+    for name, provider in config.providers.items():
+        url = urlsplit(provider.url)
+        if url.hostname in LOCAL_HOSTS and url.port:
+            found.append((name, url.port, provider.key.value))
+    return found
+
+
+def _faults(position: int, sim: SimProvider, slow_seconds: float) -> str:
+    if position == 1:
+        sim.set_fault(101, Fault.NO_FUNDS)
+        return "out of funds on service 101"
+    if position == 2:
+        sim.set_fault(None, Fault.FLAKY)
+        return f"flaky: refusals, 502 pages, answers after {slow_seconds:g}s"
+    return "healthy"
+
+
+async def ensure_demo_reseller(config: Config) -> tuple[str, str]:
+    """Create the demo reseller (or give it a new key): (key, what happened)."""
+    store = await Store.open(config.database)
+    try:
+        key = new_key()
+        if await store.reseller_by_name(DEMO_RESELLER) is None:
+            await store.create_reseller(DEMO_RESELLER, hash_key(key), v2.to_minor(DEMO_BALANCE))
+            return key, f"created reseller '{DEMO_RESELLER}' with {DEMO_BALANCE} {config.currency}"
+        await store.set_key_hash(DEMO_RESELLER, hash_key(key))
+        return key, f"reseller '{DEMO_RESELLER}' exists; it has a new key for this run"
+    finally:
+        await store.close()
+
+
+async def run(config: Config) -> None:
+    """Start the simulators and the router; print how to place an order; serve until cancelled."""
+    sims: list[SimProvider] = []
+    lines = []
+    try:
+        for position, (name, port, key) in enumerate(local_providers(config)):
+            timeout = config.providers[name].timeout
+            slow = timeout + 2
+            sim = SimProvider(
+                key=key, progress_seconds=DEMO_PROGRESS_SECONDS, slow_seconds=slow, seed=position
+            )
+            what = _faults(position, sim, slow)
+            await sim.start(port=port)
+            sims.append(sim)
+            lines.append(f"  provider {name}: simulated at {sim.url} ({what})")
+        key, what = await ensure_demo_reseller(config)
+        api = f"http://{config.listen.host}:{config.listen.port}/api/v2"
+        first = next(iter(config.services.values()))
+
+        async def ready(app: web.Application) -> None:
+            print("smm-router demo is running. Ctrl-C stops it.")
+            print("\n".join(lines))
+            print(f"  router API: {api}")
+            print(f"  metrics:    http://{config.metrics.host}:{config.metrics.port}/metrics")
+            print(f"  {what}; API key: {key}")
+            print("Place an order:")
+            print(
+                f"  curl -s {api} -d key={key} -d action=add -d service={first.id} "
+                f"-d link=https://instagram.com/smm_router_demo -d quantity={first.min}"
+            )
+            print("Then ask for its status:")
+            print(f"  curl -s {api} -d key={key} -d action=status -d order=1")
+
+        await serve(config, ready=ready)
+    finally:
+        for sim in sims:
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        await asyncio.sleep(0)

@@ -1,0 +1,143 @@
+"""The command line: resellers managed from a shell, seen at once by a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from router import config as config_module
+from router.app import create_app
+from router.cli import main
+from router.sim import SimProvider
+
+CONFIG = """\
+listen: {{host: 127.0.0.1, port: 18080}}
+metrics: {{host: 127.0.0.1, port: 19464}}
+database: {database}
+currency: USD
+providers:
+  alpha: {{url: "{url}", key: "${{ALPHA_KEY}}", timeout: 2}}
+services:
+  1:
+    name: Followers
+    category: Instagram
+    type: Default
+    rate: "1.00"
+    min: 10
+    max: 1000
+    route:
+      - {{provider: alpha, service: 101}}
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ALPHA_KEY", "sim-secret")
+    path = tmp_path / "router.yaml"
+    path.write_text(CONFIG.format(database="router.db", url="http://127.0.0.1:9/api/v2"))
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_clients_life(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = ("--config", str(config_file))
+    code, out, _ = run(capsys, "clients", "add", "acme", "--balance", "25.5", "--json", *c)
+    assert code == 0
+    created = json.loads(out)
+    assert created["name"] == "acme" and created["balance"] == "25.50"
+    assert len(created["key"]) >= 32
+
+    assert run(capsys, "clients", "topup", "acme", "4.50", *c)[0] == 0
+    code, out, _ = run(capsys, "clients", "list", "--json", *c)
+    assert json.loads(out) == [
+        {"id": created["id"], "name": "acme", "enabled": True, "balance": "30.00", "orders": 0}
+    ]
+    code, _, err = run(capsys, "clients", "topup", "acme", "-31", *c)
+    assert code == 1 and "below zero" in err
+    code, _, err = run(capsys, "clients", "topup", "acme", "0.000001", *c)
+    assert code == 1 and "decimals" in err
+    code, _, err = run(capsys, "clients", "add", "acme", *c)
+    assert code == 1 and "taken" in err
+    code, _, err = run(capsys, "clients", "disable", "nobody", *c)
+    assert code == 1 and "no reseller" in err
+
+    code, out, _ = run(capsys, "clients", "list", *c)
+    assert "acme" in out and "30.00" in out and created["key"] not in out
+
+
+def test_check(config_file: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "check", "--config", str(config_file))
+    assert code == 0 and "1 services" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        config_file.read_text().replace('"1.00"', "1.5").replace("alpha, service", "gamma, service")
+    )
+    code, _, err = run(capsys, "check", "--config", str(bad))
+    assert code == 1
+    assert "services.1.rate" in err
+    assert "services.1.route[0].provider" in err
+
+
+async def test_running_server_sees_cli_changes_at_once(
+    config_file: Path,
+    aiohttp_client: Any,
+) -> None:
+    sim = SimProvider(key="sim-secret")
+    await sim.start()
+    try:
+        config_file.write_text(CONFIG.format(database="router.db", url=sim.url))
+        config = config_module.load(config_file, env={"ALPHA_KEY": "sim-secret"})
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            create_app(config, background=False)
+        )
+
+        async def cli(*argv: str) -> str:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "router",
+                *argv,
+                "--config",
+                str(config_file),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={"ALPHA_KEY": "sim-secret", "PATH": "/usr/bin:/bin"},
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            return out.decode()
+
+        async def call(key: str, **params: str) -> Any:
+            response = await client.post("/api/v2", data={"key": key, **params})
+            return await response.json()
+
+        key = json.loads(await cli("clients", "add", "acme", "--balance", "1", "--json"))["key"]
+        assert await call(key, action="balance") == {"balance": "1.00", "currency": "USD"}
+        await cli("clients", "topup", "acme", "2")
+        assert await call(key, action="balance") == {"balance": "3.00", "currency": "USD"}
+        answer = await call(key, action="add", service="1", link="x", quantity="1000")
+        assert "order" in answer
+
+        new_key = json.loads(await cli("clients", "rotate-key", "acme", "--json"))["key"]
+        assert await call(key, action="balance") == {"error": "Invalid API key"}
+        assert await call(new_key, action="balance") == {"balance": "2.00", "currency": "USD"}
+        listed = json.loads(await cli("clients", "list", "--json"))
+        assert listed[0]["orders"] == 1
+
+        await cli("clients", "disable", "acme")
+        assert await call(new_key, action="balance") == {"error": "Invalid API key"}
+    finally:
+        await sim.stop()
