@@ -39,7 +39,7 @@ from router.upstream import (
     parse_status_item,
 )
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"  # copies of ../shared/vectors
 ADD_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-add.json").read_text())["cases"]
 STATUS_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-status.json").read_text())[
     "cases"
