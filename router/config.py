@@ -25,6 +25,10 @@ DEFAULT_UPSTREAM_TIMEOUT: Final = 15.0
 DEFAULT_STATUS_INTERVAL: Final = 60.0
 DEFAULT_BALANCE_INTERVAL: Final = 300.0
 DEFAULT_CATALOGUE_INTERVAL: Final = 3600.0
+DEFAULT_OLD_ORDER_AGE: Final = 24 * 3600.0
+DEFAULT_OLD_ORDER_INTERVAL: Final = 900.0
+DEFAULT_CALLS_IN_FLIGHT: Final = 2
+DEFAULT_NO_FUNDS_BACKOFF: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +82,13 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Sync:
-    status_interval: float = DEFAULT_STATUS_INTERVAL
+    status_interval: float = DEFAULT_STATUS_INTERVAL  # how often an active order is re-checked
+    old_order_age: float = DEFAULT_OLD_ORDER_AGE  # an active order older than this is "old"...
+    old_order_interval: float = DEFAULT_OLD_ORDER_INTERVAL  # ...and re-checked only this often
+    calls_in_flight: int = DEFAULT_CALLS_IN_FLIGHT  # sync calls at once, per provider
     balance_interval: float = DEFAULT_BALANCE_INTERVAL
     catalogue_interval: float = DEFAULT_CATALOGUE_INTERVAL
+    no_funds_backoff: float = DEFAULT_NO_FUNDS_BACKOFF  # no orders after `Not enough funds` unless a balance read shows it recovered
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +241,14 @@ _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WHY_UNSUPPORTED: Final = {"Subscriptions": "it needs per-post billing"}
 _SUPPORTED_TYPES: Final = ", ".join(t for t in v2.SERVICE_TYPES if t not in v2.UNSUPPORTED_TYPES)
 _SERVICE_FLAGS: Final = {"refill": False, "cancel": False, "dripfeed": False}
-_SYNC_KEYS: Final = ("status_interval", "balance_interval", "catalogue_interval")
+_SYNC_KEYS: Final = (
+    "status_interval",
+    "old_order_age",
+    "old_order_interval",
+    "balance_interval",
+    "catalogue_interval",
+    "no_funds_backoff",
+)
 
 
 class _Invalid(Exception):
@@ -483,7 +498,9 @@ def _listener(value: object) -> Listener:
 
 def _sync(value: object) -> Sync:
     found = _Found()
-    fields = _fields(value, found, _NO_CHECKS, dict.fromkeys(_SYNC_KEYS, _seconds))
+    checks: dict[str, _Check] = dict.fromkeys(_SYNC_KEYS, _seconds)
+    checks["calls_in_flight"] = partial(_integer, low=1, high=64, what="an integer from 1 to 64")
+    fields = _fields(value, found, _NO_CHECKS, checks)
     found.done()
     return Sync(**fields)
 

@@ -211,6 +211,15 @@ RULES = [
     (put("sync", {"speed": 3}), "sync.speed: unknown key"),
     (put("sync", {"status_interval": 0}), f"sync.status_interval: {SECONDS}, got 0"),
     (put("sync", {"balance_interval": "60"}), f"sync.balance_interval: {SECONDS}, got a string"),
+    (put("sync", {"old_order_age": -5}), f"sync.old_order_age: {SECONDS}, got -5"),
+    (
+        put("sync", {"calls_in_flight": 0}),
+        "sync.calls_in_flight: expected an integer from 1 to 64, got 0",
+    ),
+    (
+        put("sync", {"calls_in_flight": 1.5}),
+        "sync.calls_in_flight: expected an integer from 1 to 64, got a float",
+    ),
     # services: IDs and keys
     (put("services", {}), "services: must not be empty"),
     (put("services", [service("Default")]), "services: expected a mapping, got a list"),

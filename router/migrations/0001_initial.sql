@@ -14,7 +14,10 @@ CREATE TABLE orders (
     id               INTEGER PRIMARY KEY,
     reseller_id      INTEGER NOT NULL REFERENCES resellers (id),
     service          INTEGER NOT NULL,            -- local service ID
-    state            TEXT    NOT NULL CHECK (state IN ('placing', 'placed', 'held', 'failed')),
+    -- placing: funds reserved, routes being tried; placed: an upstream holds it; held: the
+    -- outcome of an add is unknown (never re-sent by itself); failed: no route took it, refunded,
+    -- unknown to the reseller; canceled: held, then canceled and refunded by the operator.
+    state            TEXT    NOT NULL CHECK (state IN ('placing', 'placed', 'held', 'failed', 'canceled')),
     status           TEXT    NOT NULL DEFAULT 'Pending',  -- the v2 word the reseller sees once placed
     link             TEXT    NOT NULL,
     quantity         INTEGER NOT NULL CHECK (quantity >= 0),  -- the charged quantity (runs x quantity for drip-feed)
@@ -78,6 +81,19 @@ CREATE TABLE attempts (
     upstream_order   INTEGER
 );
 CREATE INDEX attempts_by_order ON attempts (order_id);
+
+-- What happened to an order after its creation, for `smm-router orders show`: statuses seen
+-- upstream (kind 'status'), words we could not read ('unknown_status'), operator actions
+-- ('resolve'), forwarded cancels and refills.
+CREATE TABLE order_events (
+    id       INTEGER PRIMARY KEY,
+    order_id INTEGER NOT NULL REFERENCES orders (id),
+    at       REAL    NOT NULL,
+    kind     TEXT    NOT NULL,
+    status   TEXT,                                -- the order's v2 status after the event
+    detail   TEXT                                 -- free text or JSON, for people
+);
+CREATE INDEX order_events_by_order ON order_events (order_id, id);
 
 CREATE TABLE refills (
     id             INTEGER PRIMARY KEY,
