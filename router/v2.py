@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final
@@ -51,6 +52,7 @@ MAX_LINK_LENGTH: Final = 2048
 MAX_ID: Final = 2**53 - 1  # IDs must survive JavaScript clients as numbers
 MAX_QUANTITY: Final = 1_000_000_000
 MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_DIGITS: Final = 30  # an upstream number with more integer digits than this is garbage
 
 # --- Status words --------------------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ def format_money(amount: Decimal | int) -> str:
 
     An int is taken as MINOR units.
     """
-    value = from_minor(amount) if isinstance(amount, int) else amount.quantize(_QUANTUM)
+    value = from_minor(amount) if isinstance(amount, int) else from_minor(to_minor(amount))
     text = f"{value:f}"
     whole, _, frac = text.partition(".")
     frac = frac.rstrip("0").ljust(2, "0")
@@ -166,7 +168,9 @@ def parse_decimal(value: object) -> Decimal | None:
             result = Decimal(str(value).strip())
         except InvalidOperation:
             return None
-        return result if result.is_finite() else None
+        # A finite number with a sane exponent: "1e999999999" would make int() run for ages.
+        sane = result.is_finite() and result.adjusted() <= MAX_DIGITS
+        return result if sane else None
     return None
 
 
@@ -246,9 +250,14 @@ def check_link(link: str | None) -> str:
         raise V2Error(INCORRECT_LINK)
     link = link.strip()
     too_long = len(link) > MAX_LINK_LENGTH
-    if not link or too_long or any(ord(ch) < 32 or ord(ch) == 127 for ch in link):
+    if not link or too_long or any(_is_control(ch) for ch in link):
         raise V2Error(INCORRECT_LINK)
     return link
+
+
+def _is_control(char: str) -> bool:
+    """C0, DEL, C1 and the Unicode line/paragraph separators: nothing a link may hold."""
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
 def non_empty_lines(text: str) -> list[str]:

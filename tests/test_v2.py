@@ -136,13 +136,24 @@ def test_from_minor_round_trips() -> None:
         assert v2.to_minor(Decimal(v2.format_money(minor))) == minor
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="format_money quantizes half-even (the context default), to_minor half-up",
-)
 def test_format_money_rounds_like_to_minor() -> None:
-    amount = Decimal("0.000005")
-    assert v2.format_money(amount) == v2.format_money(v2.to_minor(amount))
+    for text in ("0.000005", "0.000015", "2.123455", "-0.000005"):
+        amount = Decimal(text)
+        assert v2.format_money(amount) == v2.format_money(v2.to_minor(amount))
+    assert v2.format_money(Decimal("0.000025")) == "0.00003"  # half-up, not half-even
+
+
+def test_huge_exponents_are_not_numbers() -> None:
+    assert v2.parse_decimal("1e999999999") is None
+    assert v2.parse_int("1e999999999") is None
+    assert v2.parse_int("1e30") == 10**30
+    assert v2.parse_decimal("1e31") is None
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1f", "\x7f", "\x85", "\x9f", "\u2028", "\u2029"])
+def test_links_refuse_control_characters(char: str) -> None:
+    with pytest.raises(v2.V2Error):
+        v2.check_link(f"https://x.example/{char}p")
 
 
 def test_order_charge() -> None:
