@@ -6,6 +6,7 @@ message. Business rules live in `router.orders`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -178,7 +179,9 @@ class V2Api:
         duration = time.perf_counter() - started
         self.metrics.requests.labels(action=action, outcome=outcome).inc()
         self.metrics.request_duration.labels(action=action).observe(duration)
-        log.info("request", outcome=outcome, duration=round(duration, 6))
+        # A log sink that fails (a closed or full stderr) must not turn an answer into a 500.
+        with contextlib.suppress(Exception):
+            log.info("request", outcome=outcome, duration=round(duration, 6))
         return response
 
     async def _authenticate(self, key: str | None) -> Reseller:

@@ -171,7 +171,20 @@ class OrderDesk:
         structlog.contextvars.bind_contextvars(order_id=order_id)
         # From here the order exists and its funds are reserved: finish it even if the request
         # is cancelled, or a restart finds it `placing` and holds it.
-        return await asyncio.shield(self._place(order_id, request, routes))
+        # The shielded task runs in a copy of this context: what it binds for the request's log
+        # line (the provider) is copied back when it ends.
+        bound: dict[str, object] = {}
+
+        async def place() -> int:
+            try:
+                return await self._place(order_id, request, routes)
+            finally:
+                bound.update(structlog.contextvars.get_contextvars())
+
+        try:
+            return await asyncio.shield(place())
+        finally:
+            structlog.contextvars.bind_contextvars(**bound)
 
     async def _place(
         self, order_id: int, request: AddRequest, routes: Sequence[tuple[int, Route]]
