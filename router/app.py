@@ -34,6 +34,10 @@ CALL_FLUSH_INTERVAL: Final = 1.0
 CALL_FLUSH_BATCH: Final = 500
 CALL_PRUNE_INTERVAL: Final = 3600.0
 CONNECTIONS_PER_PROVIDER: Final = 100
+# An idle pooled connection is dropped before the upstream's server would close it (Apache's
+# default is 5 s): an `add` written to a connection the server just closed fails with a reset,
+# which is ambiguous and would hold the order.
+UPSTREAM_KEEPALIVE_SECONDS: Final = 4.0
 
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -112,7 +116,11 @@ async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=CONNECTIONS_PER_PROVIDER),
+        connector=aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=CONNECTIONS_PER_PROVIDER,
+            keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
+        ),
         timeout=aiohttp.ClientTimeout(total=max(p.timeout for p in config.providers.values())),
         headers={"User-Agent": "smm-router"},
     )
