@@ -18,6 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
 lint: $(STAMP)
 	$(BIN)/ruff check router tests
 	$(BIN)/ruff format --check router tests
