@@ -88,7 +88,9 @@ class Sync:
     calls_in_flight: int = DEFAULT_CALLS_IN_FLIGHT  # sync calls at once, per provider
     balance_interval: float = DEFAULT_BALANCE_INTERVAL
     catalogue_interval: float = DEFAULT_CATALOGUE_INTERVAL
-    no_funds_backoff: float = DEFAULT_NO_FUNDS_BACKOFF  # no orders after `Not enough funds` unless a balance read shows it recovered
+    # After `Not enough funds on balance`, no orders to that provider for this long, unless a
+    # balance read shows it recovered first.
+    no_funds_backoff: float = DEFAULT_NO_FUNDS_BACKOFF
 
 
 @dataclass(frozen=True, slots=True)
