@@ -113,9 +113,13 @@ async def read_params(request: web.Request) -> dict[str, str]:
 
 
 def order_view(order: Order, currency: str) -> dict[str, str]:
-    """`status` of one order, as V2.md shapes it (every value a string)."""
+    """`status` of one order, as V2.md shapes it (every value a string).
+
+    `charge` is what the reseller finally paid: the charge less what the ledger gave back
+    (a Partial's undelivered share, a Canceled order's whole charge), as panels expect.
+    """
     return {
-        "charge": v2.format_money(order.charge),
+        "charge": v2.format_money(order.charge - order.refunded),
         "start_count": str(order.start_count or 0),
         "status": reseller_status(order),
         "remains": str(order.quantity if order.remains is None else order.remains),

@@ -26,6 +26,8 @@ from router.metrics import Metrics
 from router.orders import OrderDesk
 from router.routing import ProviderState
 from router.store import CALL_RETENTION_SECONDS, Store
+from router.sync.orders import OrderSync
+from router.sync.providers import ProviderWatcher
 from router.upstream import CallRecord, UpstreamClient
 
 log = structlog.get_logger("router.app")
@@ -47,6 +49,8 @@ CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])
 PROVIDER_STATES: Final = web.AppKey("provider_states", dict[str, ProviderState])
 DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
+ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
+PROVIDER_WATCHER: Final = web.AppKey("provider_watcher", ProviderWatcher)
 
 
 class CallLog:
@@ -138,6 +142,45 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+def _order_sync_ctx(
+    background: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The status sync; its loops run only with `background` (tests call `run_once`)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        sync = OrderSync(app[CONFIG], app[STORE], app[CLIENTS], app[METRICS])
+        app[ORDER_SYNC] = sync
+        if background:
+            sync.start()
+        yield
+        await sync.stop()
+
+    return ctx
+
+
+def _provider_watch_ctx(
+    background: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Provider balances and catalogues: the stored ones are loaded at start-up; the loops run
+    only with `background` (tests call `balances_once` and `catalogues_once`)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        states = app[PROVIDER_STATES]
+        watcher = ProviderWatcher(app[CONFIG], app[STORE], app[CLIENTS], states, app[METRICS])
+        await watcher.restore()
+        app[PROVIDER_WATCHER] = watcher
+        loops = [watcher.run_balances(), watcher.run_catalogues()] if background else []
+        tasks = [asyncio.create_task(loop, name="provider-watch") for loop in loops]
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
+
+
 async def _v2(request: web.Request) -> web.Response:
     return await request.app[API].handle(request)
 
@@ -157,6 +200,8 @@ def create_app(
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_order_sync_ctx(background))
+    app.cleanup_ctx.append(_provider_watch_ctx(background))
     for path in ("/api/v2", "/api/v1"):
         app.router.add_route("GET", path, _v2)
         app.router.add_route("POST", path, _v2)

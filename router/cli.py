@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
+import math
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+
+import aiohttp
+from prometheus_client import CollectorRegistry
 
 from router import config as config_module
 from router import logs, v2
 from router.api import hash_key
 from router.config import Config, ConfigError
-from router.store import Store, StoreError
+from router.metrics import Metrics
+from router.orders import OrderDesk, ResolveRefused, reseller_status
+from router.store import Order, Store, StoreError
+from router.sync.providers import ProviderReport, check_online, provider_report
+from router.upstream import CallRecord, UpstreamClient
 
 T = TypeVar("T")
 
@@ -95,10 +106,153 @@ def run_until_signal(work: Awaitable[None]) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
+    if args.online:
+        return _check_online(config, as_json=args.json)
     print(
         f"ok: {len(config.providers)} providers, {len(config.services)} services, "
         f"database {config.database}"
     )
+    return 0
+
+
+def _check_online(config: Config, *, as_json: bool) -> int:
+    """`check --online`: every route against what its provider answers now; 1 on any problem."""
+    problems, probes = asyncio.run(check_online(config))
+    if as_json:
+        document = {
+            "ok": not problems,
+            "problems": [{"path": p.path, "kind": p.kind, "message": p.message} for p in problems],
+            "providers": {
+                name: {
+                    "services": None if probe.catalogue is None else len(probe.catalogue),
+                    "balance": None if probe.balance is None else v2.format_money(probe.balance),
+                    "currency": probe.currency,
+                }
+                for name, probe in probes.items()
+            },
+        }
+        print(json.dumps(document))
+    else:
+        for problem in problems:
+            print(problem)
+        routes = sum(len(service.route) for service in config.services.values())
+        verdict = f"{len(problems)} problems" if problems else "ok"
+        print(f"{verdict}: {len(config.providers)} providers, {routes} routes checked online")
+    return 1 if problems else 0
+
+
+# --- providers -----------------------------------------------------------------------------------
+
+
+def _instant(text: str) -> float:
+    """An ISO date or date-time typed by the operator, as unix time (UTC unless it says)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if not 0 < days < 100_000:
+        raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
+    return days
+
+
+def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
+    balance = row.balance
+    return {
+        "provider": row.provider,
+        "orders": row.money.orders,
+        "cost": v2.format_money(row.money.cost),
+        "revenue": v2.format_money(row.money.revenue),
+        "margin": v2.format_money(row.money.margin),
+        "cost_estimated_orders": row.money.estimated,  # no status yet: costed at catalogue rate
+        "uncosted_orders": row.money.uncosted,  # neither: not in `cost`
+        "add_attempts": row.add_attempts,
+        "add_success_rate": row.add_success_rate,
+        "calls": row.latency.calls,
+        "latency_p50": row.latency.p50,
+        "latency_p95": row.latency.p95,
+        "state": row.state,
+        "benched_until": _when(row.benched_until),
+        "catalogue_fetched_at": _when(row.catalogue.fetched_at) if row.catalogue else None,
+        "routes_gone": list(row.routes_gone),
+        "balance": None
+        if balance is None
+        else {
+            "amount": v2.format_money(balance.balance),
+            "currency": balance.currency,
+            "read_at": _when(balance.read_at),
+            "age_seconds": round(now - balance.read_at, 3),
+        },
+    }
+
+
+def _provider_cells(row: ProviderReport, now: float) -> dict[str, str]:
+    def ms(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+    rate = row.add_success_rate
+    state = row.state
+    if row.benched_until is not None:
+        state = f"benched until {_when(row.benched_until)}"
+    if row.routes_gone:
+        state += f"; gone: {', '.join(map(str, row.routes_gone))}"
+    balance = row.balance
+    return {
+        "provider": row.provider,
+        "orders": str(row.money.orders),
+        "cost": v2.format_money(row.money.cost) + ("*" if row.money.estimated else ""),
+        "revenue": v2.format_money(row.money.revenue),
+        "margin": v2.format_money(row.money.margin),
+        "add ok": "-" if rate is None else f"{rate:.1%} of {row.add_attempts}",
+        "p50": ms(row.latency.p50),
+        "p95": ms(row.latency.p95),
+        "state": state,
+        "balance": "-"
+        if balance is None
+        else f"{v2.format_money(balance.balance)} {balance.currency} "
+        f"({_age(now - balance.read_at)} ago)",
+    }
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    now = time.time()
+    since = now - args.days * 86400 if args.days is not None else args.since
+    until = args.until
+    rows = asyncio.run(
+        with_store(
+            config,
+            lambda store: provider_report(
+                config,
+                store,
+                since=0.0 if since is None else since,
+                until=math.inf if until is None else until,
+                now=now,
+            ),
+        )
+    )
+    if args.json:
+        document = {
+            "currency": config.currency,
+            "since": _when(since),
+            "until": _when(until),
+            "providers": [_provider_json(row, now) for row in rows],
+        }
+        print(json.dumps(document))
+        return 0
+    cells = [_provider_cells(row, now) for row in rows]
+    print_table(cells, list(cells[0]) if cells else ["provider"])
+    if any(row.money.estimated for row in rows):
+        print("* includes orders without a status yet, costed at the catalogue rate")
+    if any(row.money.uncosted for row in rows):
+        print("some orders have no cost yet and no catalogue rate: not in cost or margin")
     return 0
 
 
@@ -191,6 +345,223 @@ def cmd_clients_rotate_key(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- orders --------------------------------------------------------------------------------------
+
+
+def _when(at: float | None) -> str | None:
+    return None if at is None else datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def _age(seconds: float) -> str:
+    """An age a person reads at a glance: 3d4h, 2h5m, 7m12s, 40s."""
+    total = max(int(seconds), 0)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if total >= size:
+            return f"{total // size}{unit}{total % size // sub_size}{sub}"
+    return f"{total // 60}m{total % 60}s" if total >= 60 else f"{total}s"
+
+
+def _cell(value: object) -> str:
+    """A table cell on one line (upstream error texts can be whole HTML pages)."""
+    return "-" if value is None else " ".join(str(value).split())
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in the environment or the password database
+        return "operator"
+
+
+def _order_json(order: Order, reseller: str | None) -> dict[str, Any]:
+    return {
+        "id": order.id,
+        "reseller_id": order.reseller_id,
+        "reseller": reseller,
+        "service": order.service,
+        "state": order.state,
+        "status": reseller_status(order),  # what the reseller's `status` answers
+        "link": order.link,
+        "quantity": order.quantity,
+        "charge": v2.format_money(order.charge),
+        "provider": order.provider,
+        "upstream_service": order.upstream_service,
+        "upstream_order": order.upstream_order,
+        "start_count": order.start_count,
+        "remains": order.remains,
+        "created_at": _when(order.created_at),
+    }
+
+
+async def order_report(store: Store, order_id: int) -> dict[str, Any]:
+    """`orders show`: the order, its attempts, its history and its ledger rows."""
+    order = await store.order(order_id)
+    if order is None:
+        raise CommandError(f"no order {order_id}")
+    return {
+        "order": _order_json(order, await store.reseller_name(order.reseller_id)),
+        "attempts": [
+            {
+                "rank": a.rank,
+                "provider": a.provider,
+                "upstream_service": a.upstream_service,
+                "started_at": _when(a.started_at),
+                "latency": round(a.latency, 3),
+                "outcome": a.outcome,
+                "upstream_order": a.upstream_order,
+                "error": a.error,
+            }
+            for a in await store.attempts(order_id)
+        ],
+        "events": [
+            {"at": _when(e.at), "kind": e.kind, "status": e.status, "detail": e.detail}
+            for e in await store.order_history(order_id)
+        ],
+        "ledger": [
+            {
+                "id": entry.id,
+                "kind": entry.kind,
+                "amount": v2.format_money(entry.amount),
+                "note": entry.note,
+                "at": _when(entry.created_at),
+            }
+            for entry in await store.order_ledger(order_id)
+        ],
+    }
+
+
+@contextlib.asynccontextmanager
+async def operator_desk(config: Config, store: Store) -> AsyncIterator[OrderDesk]:
+    """An order desk with the operator's own HTTP session, for resolving held orders.
+
+    Its upstream calls are recorded like the server's (they count in provider statistics).
+    """
+    calls: list[CallRecord] = []
+    async with aiohttp.ClientSession(headers={"User-Agent": "smm-router"}) as session:
+        clients = {
+            name: UpstreamClient(provider, session, on_call=calls.append)
+            for name, provider in config.providers.items()
+        }
+        metrics = Metrics(CollectorRegistry(), providers=config.providers)
+        try:
+            yield OrderDesk(config, store, clients, metrics)
+        finally:
+            await store.record_calls(calls)
+
+
+def cmd_orders_held(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    held = asyncio.run(with_store(config, lambda store: store.held_orders()))
+    now = time.time()
+    documents = [
+        {
+            "id": h.id,
+            "reseller_id": h.reseller_id,
+            "reseller": h.reseller,
+            "service": h.service,
+            "provider": h.provider,
+            "upstream_service": h.upstream_service,
+            "charge": v2.format_money(h.charge),
+            "created_at": _when(h.created_at),
+            "held_at": _when(h.held_at),
+            "age_seconds": max(int(now - h.created_at), 0),
+            "error": h.error,
+        }
+        for h in held
+    ]
+    if args.json:
+        print(json.dumps(documents))
+    elif not documents:
+        print("no held orders")
+    else:
+        rows = [
+            {
+                **d,
+                "held_on": f"{h.provider} service {h.upstream_service}",
+                "age": _age(now - h.created_at),
+                "error": _cell(h.error or "no answer recorded (stopped mid-call)"),
+            }
+            for h, d in zip(held, documents, strict=True)
+        ]
+        print_table(rows, ["id", "reseller", "service", "held_on", "charge", "age", "error"])
+    return 0
+
+
+def cmd_orders_show(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    report = asyncio.run(with_store(config, lambda store: order_report(store, args.id)))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    o = report["order"]
+    print(f"order {o['id']}: {o['state']}, the reseller sees {o['status']}")
+    for label, value in (
+        ("reseller", f"{o['reseller']} (id {o['reseller_id']})"),
+        ("service", o["service"]),
+        ("link", o["link"]),
+        ("quantity", o["quantity"]),
+        ("charge", o["charge"]),
+        ("provider", o["provider"] or "-"),
+        ("upstream", f"service {o['upstream_service']}, order {o['upstream_order'] or '-'}"),
+        ("remains", "-" if o["remains"] is None else o["remains"]),
+        ("created", o["created_at"]),
+    ):
+        print(f"  {label:<9} {value}")
+    attempt_columns = ["rank", "provider", "upstream_service", "started_at", "latency"]
+    sections = (
+        ("attempts", [*attempt_columns, "outcome", "upstream_order", "error"]),
+        ("events", ["at", "kind", "status", "detail"]),
+        ("ledger", ["id", "kind", "amount", "note", "at"]),
+    )
+    for name, columns in sections:
+        print(f"\n{name}:")
+        rows = [{c: _cell(row[c]) for c in columns} for row in report[name]]
+        if rows:
+            print_table(rows, columns)
+        else:
+            print("  (none)")
+    return 0
+
+
+def cmd_orders_resolve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    logs.configure()  # a re-route logs as `add` does, on stderr: stdout stays the answer
+    by = args.by or _operator()
+
+    async def resolve(store: Store) -> dict[str, Any]:
+        async with operator_desk(config, store) as desk:
+            if args.upstream_order is not None:
+                order = await desk.attach(args.id, args.upstream_order, by=by)
+            elif args.reroute:
+                order = await desk.reroute(args.id, by=by)
+            else:
+                order = await desk.refund_held(args.id, by=by)
+        return _order_json(order, await store.reseller_name(order.reseller_id))
+
+    try:
+        document = asyncio.run(with_store(config, resolve))
+    except ResolveRefused as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(document))
+    elif document["state"] == "placed":
+        print(
+            f"order {document['id']}: placed at {document['provider']} as upstream order "
+            f"{document['upstream_order']}; the reseller sees {document['status']}"
+        )
+    elif document["state"] == "held":
+        print(
+            f"order {document['id']}: outcome unknown at {document['provider']}, held again "
+            f"(see `smm-router orders show {document['id']}`)"
+        )
+    else:
+        print(
+            f"order {document['id']}: canceled, {document['charge']} refunded; "
+            f"the reseller sees {document['status']}"
+        )
+    return 0
+
+
 # --- sim, demo -----------------------------------------------------------------------------------
 
 
@@ -234,7 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "serve", cmd_serve, "run the API, the metrics listener and the loops")
-    command(commands, "check", cmd_check, "validate the config; print every problem")
+    check = command(commands, "check", cmd_check, "validate the config; print every problem")
+    check.add_argument(
+        "--online", action="store_true", help="then call every provider and check each route"
+    )
+    providers = command(
+        commands, "providers", cmd_providers, "per provider: orders, money, health, state, balance"
+    )
+    period = providers.add_mutually_exclusive_group()
+    period.add_argument("--since", type=_instant, help="ISO date or time (default: all time)")
+    period.add_argument("--days", type=_days, help="the last N days")
+    providers.add_argument("--until", type=_instant, help="ISO date or time (default: now)")
 
     clients = commands.add_parser("clients", help="manage resellers").add_subparsers(
         dest="clients_command", required=True, metavar="ACTION"
@@ -252,6 +633,25 @@ def build_parser() -> argparse.ArgumentParser:
     command(clients, "disable", cmd_clients_disable, "refuse a reseller's key").add_argument("name")
     rotate = command(clients, "rotate-key", cmd_clients_rotate_key, "issue a new key")
     rotate.add_argument("name")
+
+    orders = commands.add_parser("orders", help="held orders and their resolution")
+    order_commands = orders.add_subparsers(dest="orders_command", required=True, metavar="ACTION")
+    command(order_commands, "held", cmd_orders_held, "orders whose upstream outcome is unknown")
+    show = command(
+        order_commands, "show", cmd_orders_show, "an order, its attempts, history and ledger rows"
+    )
+    show.add_argument("id", type=int, metavar="ID")
+    resolve = command(
+        order_commands, "resolve", cmd_orders_resolve, "attach, re-route or refund a held order"
+    )
+    resolve.add_argument("id", type=int, metavar="ID")
+    how = resolve.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--upstream-order", type=int, metavar="N", help="attach the order found at its provider"
+    )
+    how.add_argument("--reroute", action="store_true", help="place it now on the next routes")
+    how.add_argument("--refund", action="store_true", help="cancel it and refund its charge")
+    resolve.add_argument("--by", help="who resolves it, for its history (default: the OS user)")
 
     sim_parser = commands.add_parser(
         "sim", help="run one simulated upstream provider", description="A simulated v2 provider."

@@ -27,6 +27,8 @@ ACTIONS: Final = (
 UNKNOWN_ACTION: Final = "unknown"
 UPSTREAM_ACTIONS: Final = ACTIONS
 OUTCOMES: Final = ("accepted", "refused", "no_funds", "unreachable", "ambiguous")
+PROVIDER_STATES: Final = ("ok", "benched")
+CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
 
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -79,6 +81,57 @@ class Metrics:
             ["service", "state"],
             registry=registry,
         )
+        # Providers: balances, states, catalogues (router.sync.providers keeps them current).
+        self.provider_balance = Gauge(
+            "smm_router_provider_balance",
+            "Our balance at each provider, as its last balance read answered.",
+            ["provider", "currency"],
+            registry=registry,
+        )
+        self.provider_state = Gauge(
+            "smm_router_provider_state",
+            "1 for the state each provider is in: ok, or benched (out of funds, no new orders).",
+            ["provider", "state"],
+            registry=registry,
+        )
+        self.routes_missing = Gauge(
+            "smm_router_provider_routes_missing",
+            "Routed upstream services gone from the provider's catalogue (routing skips them).",
+            ["provider"],
+            registry=registry,
+        )
+        self.catalogue_fetches = Counter(
+            "smm_router_catalogue_fetches",
+            "Catalogue fetches by outcome; only `accepted` ones change what routing knows.",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        # Order life cycle (router.sync.orders keeps statuses, costs and refunds current).
+        self.status_changes = Counter(
+            "smm_router_order_status_changes",
+            "Order statuses changed by the status sync, by provider and new status.",
+            ["provider", "status"],
+            registry=registry,
+        )
+        self.refunds = Counter(
+            "smm_router_refunds",
+            "Refunds the status sync paid to resellers (Partial or Canceled), one per order.",
+            ["provider", "status"],
+            registry=registry,
+        )
+        self.status_unreadable = Counter(
+            "smm_router_order_status_unreadable",
+            "Status items the sync could not read (unknown word, item error): left as they were.",
+            ["provider"],
+            registry=registry,
+        )
+        self.sync_duration = Histogram(
+            "smm_router_sync_pass_duration_seconds",
+            "Time of one status-sync pass over a provider's due orders and open refills.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         for action in ACTIONS:
             self.request_duration.labels(action=action)
         for provider in providers:
@@ -86,3 +139,5 @@ class Metrics:
                 self.upstream_duration.labels(provider=provider, action=action)
             for outcome in OUTCOMES:
                 self.upstream_requests.labels(provider=provider, action="add", outcome=outcome)
+            self.status_unreadable.labels(provider=provider)
+            self.sync_duration.labels(provider=provider)

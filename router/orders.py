@@ -113,8 +113,13 @@ def validate_add(service: Service, params: Mapping[str, str]) -> AddRequest:
 
 
 def reseller_status(order: Order) -> str:
-    """The v2 word a reseller sees: an order not yet placed upstream is Pending."""
-    return order.status if order.state == "placed" else v2.PENDING
+    """The v2 word a reseller sees: an order not yet placed upstream is Pending; a held order
+    the operator canceled shows its Canceled."""
+    return order.status if order.state in ("placed", "canceled") else v2.PENDING
+
+
+class ResolveRefused(Exception):
+    """An operator's resolution of a held order that cannot be done; nothing was changed."""
 
 
 class OrderDesk:
@@ -187,8 +192,23 @@ class OrderDesk:
             structlog.contextvars.bind_contextvars(**bound)
 
     async def _place(
-        self, order_id: int, request: AddRequest, routes: Sequence[tuple[int, Route]]
+        self,
+        order_id: int,
+        request: AddRequest,
+        routes: Sequence[tuple[int, Route]],
+        *,
+        rerouted_by: str | None = None,
     ) -> int:
+        """Try `routes` in turn (the first one is already recorded on the order) and settle.
+
+        A held order re-routed by the operator (`rerouted_by`) is known to its reseller: when
+        every route refuses it, it is canceled and refunded (not `failed`, which the reseller
+        never sees), and how it ended is written to its history.
+        """
+
+        def event(text: str) -> str | None:
+            return None if rerouted_by is None else f"reroute by {rerouted_by}: {text}"
+
         service = request.service
         attempts: list[Attempt] = []
         for position, (rank, route) in enumerate(routes):
@@ -212,7 +232,10 @@ class OrderDesk:
                 )
             )
             self.states[route.provider] = routing.after_outcome(
-                self.states.get(route.provider), result.outcome, now=self.clock()
+                self.states.get(route.provider),
+                result.outcome,
+                now=self.clock(),
+                backoff=self.config.sync.no_funds_backoff,
             )
             if result.outcome is Outcome.ACCEPTED:
                 await self.store.settle_order(
@@ -222,6 +245,10 @@ class OrderDesk:
                     provider=route.provider,
                     upstream_service=route.service,
                     upstream_order=result.upstream_order,
+                    event=event(
+                        f"placed on {route.provider} (service {route.service}) "
+                        f"as upstream order {result.upstream_order}"
+                    ),
                 )
                 self.metrics.orders.labels(service=str(service.id), state="placed").inc()
                 return order_id
@@ -232,6 +259,10 @@ class OrderDesk:
                     attempts=attempts,
                     provider=route.provider,
                     upstream_service=route.service,
+                    event=event(
+                        f"outcome unknown at {route.provider} (service {route.service}): "
+                        f"{result.error}; held again"
+                    ),
                 )
                 self.metrics.orders.labels(service=str(service.id), state="held").inc()
                 log.warning(
@@ -241,9 +272,117 @@ class OrderDesk:
             self.metrics.failovers.labels(
                 service=str(service.id), provider=route.provider, reason=str(result.outcome)
             ).inc()
+        if rerouted_by is not None:
+            await self.store.settle_order(
+                order_id,
+                state="canceled",
+                attempts=attempts,
+                event=event("every route refused it; canceled and refunded"),
+            )
+            self.metrics.orders.labels(service=str(service.id), state="canceled").inc()
+            return order_id
         await self.store.settle_order(order_id, state="failed", attempts=attempts)
         self.metrics.orders.labels(service=str(service.id), state="failed").inc()
         raise v2.V2Error(v2.UNAVAILABLE)
+
+    # --- held orders: the operator's resolutions ----------------------------------------------
+
+    async def attach(self, order_id: int, upstream_order: int, *, by: str) -> Order:
+        """The operator found the order at the provider it was held on: it is placed there."""
+        order = await self._held(order_id)
+        if upstream_order < 1:
+            raise ResolveRefused(f"not an upstream order ID: {upstream_order}")
+        assert order.provider is not None
+        detail = (
+            f"attach by {by}: upstream order {upstream_order} at {order.provider} "
+            f"(service {order.upstream_service})"
+        )
+        if not await self.store.attach_held(order_id, upstream_order, detail):
+            taken = await self.store.upstream_order_taken(order.provider, upstream_order)
+            if taken is not None:
+                raise ResolveRefused(
+                    f"upstream order {upstream_order} at {order.provider} already belongs to "
+                    f"order {taken}"
+                )
+            raise await self._not_held(order_id)
+        return await self._reread(order_id)
+
+    async def refund_held(self, order_id: int, *, by: str) -> Order:
+        """Cancel a held order and give its charge back: the reseller sees Canceled."""
+        order = await self._held(order_id)
+        detail = (
+            f"refund by {by}: canceled, {v2.format_money(order.charge)} refunded "
+            f"(held at {order.provider}, service {order.upstream_service})"
+        )
+        if not await self.store.refund_held(order_id, detail):
+            raise await self._not_held(order_id)
+        return await self._reread(order_id)
+
+    async def reroute(self, order_id: int, *, by: str) -> Order:
+        """Place a held order on the routes after the one it was held on, as `add` would.
+
+        Refusals fail over; an unknown outcome holds it again (on that route); no route
+        taking it cancels and refunds it.
+        """
+        order = await self._held(order_id)
+        service = self.config.services.get(order.service)
+        if service is None:
+            raise ResolveRefused(
+                f"order {order_id}: service {order.service} is no longer in the config; "
+                "use --upstream-order or --refund"
+            )
+        held_on = Route(order.provider or "", order.upstream_service or 0)
+        if held_on not in service.route:
+            raise ResolveRefused(
+                f"order {order_id}: the route it was held on ({held_on.provider}, service "
+                f"{held_on.service}) is no longer in service {service.id}'s routes; "
+                "use --upstream-order or --refund"
+            )
+        held_rank = service.route.index(held_on)
+        routes = [
+            (rank, route)
+            for rank, route in routing.plan(service, self.states, now=self.clock())
+            if rank > held_rank
+        ]
+        if not routes:
+            raise ResolveRefused(
+                f"order {order_id}: no route after {held_on.provider} (rank {held_rank}) in "
+                f"service {service.id}; use --upstream-order or --refund"
+            )
+        request = AddRequest(service, order.link, order.quantity, order.charge, order.params)
+        first = routes[0][1]
+        tried = ", ".join(f"{route.provider} (service {route.service})" for _, route in routes)
+        detail = f"reroute by {by}: from {held_on.provider} (service {held_on.service}) to {tried}"
+        if not await self.store.begin_reroute(order_id, first.provider, first.service, detail):
+            raise await self._not_held(order_id)
+        try:
+            await self._place(order_id, request, routes, rerouted_by=by)
+        except BaseException:
+            # Stopped mid-call (Ctrl-C, a bug): the order may exist where it was being sent.
+            await self.store.hold_interrupted_reroute(
+                order_id, f"reroute by {by}: interrupted; held on the route being tried"
+            )
+            raise
+        return await self._reread(order_id)
+
+    async def _held(self, order_id: int) -> Order:
+        order = await self.store.order(order_id)
+        if order is None:
+            raise ResolveRefused(f"no order {order_id}")
+        if order.state != "held":
+            raise ResolveRefused(f"order {order_id} is {order.state}, not held: nothing changed")
+        return order
+
+    async def _not_held(self, order_id: int) -> ResolveRefused:
+        """Why a resolution changed nothing: someone resolved the order in the meantime."""
+        order = await self.store.order(order_id)
+        state = order.state if order else "gone"
+        return ResolveRefused(f"order {order_id} is {state}, not held: nothing changed")
+
+    async def _reread(self, order_id: int) -> Order:
+        order = await self.store.order(order_id)
+        assert order is not None
+        return order
 
     # --- status -------------------------------------------------------------------------------
 
@@ -286,28 +425,11 @@ class OrderDesk:
     async def refill_status(
         self, reseller: Reseller, refill_ids: Sequence[int]
     ) -> dict[int, str | None]:
-        """Each refill's status, refreshed from its provider; None for an unknown refill."""
+        """Each refill's status as the refill loop last read it, from SQLite only (no upstream
+        call on the request path); None for an unknown refill."""
         refills = await self.store.refills_of(reseller.id, refill_ids)
-        fresh: dict[int, str] = {}
-        by_provider = _group(refills.values(), lambda refill: refill.provider)
-        for provider, group in by_provider.items():
-            client = self.clients.get(provider)
-            if client is None:
-                continue
-            try:
-                answers = await client.refill_status([r.upstream_refill for r in group])
-            except UpstreamError as exc:
-                log.warning("refill_status_failed", provider=provider, error=exc.message)
-                continue
-            for refill in group:
-                word = answers.get(refill.upstream_refill)
-                if word is not None and word != refill.status:
-                    fresh[refill.id] = word
-        await self.store.set_refill_statuses(fresh)
         return {
-            refill_id: fresh.get(refill_id, refills[refill_id].status)
-            if refill_id in refills
-            else None
+            refill_id: refills[refill_id].status if refill_id in refills else None
             for refill_id in refill_ids
         }
 
@@ -342,6 +464,7 @@ class OrderDesk:
 
         by_provider = _group(todo, lambda order: order.provider or "")
         await asyncio.gather(*(one_provider(p, group) for p, group in by_provider.items()))
+        await self.store.record_cancel_requests({order.id: results[order.id] for order in todo})
         return results
 
     def _offers(self, order: Order, feature: str) -> bool:

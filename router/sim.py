@@ -19,6 +19,7 @@ from typing import Final
 from aiohttp import web
 
 from router import v2
+from router.upstream import UpstreamService
 from router.v2 import V2Error
 
 REFUSAL: Final = "You have active order with this link. Please wait until order being completed."
@@ -69,18 +70,7 @@ _CATALOGUE: Final = (  # name, category, rate, min, max of each type, in v2.SERV
 )
 
 
-@dataclass(frozen=True, slots=True)
-class SimService:
-    service: int
-    name: str
-    type: str
-    category: str
-    rate: Decimal
-    min: int
-    max: int
-    refill: bool
-    cancel: bool
-    dripfeed: bool
+SimService = UpstreamService  # a catalogue line is the same on both sides of the wire
 
 
 def default_catalogue() -> list[SimService]:
@@ -223,6 +213,7 @@ class SimProvider:
         self._offset = 0.0
         self._rng = random.Random(seed)
         self._faults: dict[int | None, Fault] = {}
+        self._stalled: set[str] = set()
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
         self._catalogue = [
             {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
@@ -270,6 +261,22 @@ class SimProvider:
 
     def set_balance(self, amount: Decimal) -> None:
         self._balance = amount
+
+    def stall(self, action: str, stalled: bool = True) -> None:
+        """Leave every `action` request unanswered until the simulator stops (then reset it):
+        a provider that hangs."""
+        if stalled:
+            self._stalled.add(action)
+        else:
+            self._stalled.discard(action)
+
+    def create_orders(
+        self, service: int, count: int, *, quantity: int = 1000, link: str = "https://x.test/a"
+    ) -> list[int]:
+        """`count` orders placed at once as `add` places them (balance debited, every
+        `partial_every`-th ending Partial), without HTTP: for tests that need thousands."""
+        params = {"link": link, "quantity": str(quantity)}
+        return [self._place(service, params) for _ in range(count)]
 
     @property
     def balance(self) -> Decimal:
@@ -320,6 +327,9 @@ class SimProvider:
         action = params.get("action", "")
         now = self.now()
         self.received.append(Received(action, dict(params), now))
+        if action in self._stalled:
+            await self._stopping.wait()
+            return _reset(request)
         try:
             if not hmac.compare_digest(key.encode(), self.key.encode()):
                 raise V2Error(v2.INVALID_KEY)

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
 import aiosqlite
 
+from router import v2
 from router.upstream import CallRecord
 
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
@@ -85,6 +88,7 @@ class Order:
     start_count: int | None
     remains: int | None
     created_at: float
+    refunded: int = 0  # minor units given back by the ledger (the status sync's refunds, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +124,102 @@ class LedgerEntry:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class HeldOrder:
+    """A held order as the operator lists it (`smm-router orders held`)."""
+
+    id: int
+    reseller_id: int
+    reseller: str
+    service: int
+    provider: str | None  # the route it was held on
+    upstream_service: int | None
+    charge: int
+    created_at: float
+    held_at: float
+    error: str | None  # the held-on route's last answer; None when the process died mid-call
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    at: float
+    kind: str
+    status: str | None
+    detail: str | None
+
+
+# Status sync: what the status loop reads and writes (the Store's "Status sync" section).
+
+_ACTIVE_ORDER: Final = "state = 'placed' AND status NOT IN ('Completed', 'Partial', 'Canceled')"
+_OPEN_REFILL: Final = "status NOT IN ('Completed', 'Rejected')"
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveOrder:
+    """An order the status loop refreshes, as it was read before the upstream was asked."""
+
+    id: int
+    upstream_order: int
+    quantity: int  # the charged quantity
+    charge: int
+    status: str
+    created_at: float
+    next_check_at: float
+    sync_problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRecord:
+    """What one status answer says about one order, for `Store.record_statuses`."""
+
+    order_id: int
+    seen_status: str  # the status read before asking: the change applies only from it
+    status: str | None  # the new v2 status; None when the answer could not be read
+    next_check_at: float
+    start_count: int | None = None
+    remains: int | None = None
+    cost: int | None = None  # minor units of the config's currency
+    upstream_charge: str | None = None
+    upstream_currency: str | None = None
+    refund: int = 0  # minor units, paid when (and only when) this record ends the order
+    detail: str | None = None  # JSON for the 'status' event
+    problem: str | None = None  # what could not be read, for an 'unknown_status' event...
+    seen_problem: str | None = None  # ...unless it is the one recorded last time
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A status change `record_statuses` made, and the refund it paid (0: none)."""
+
+    order_id: int
+    status: str
+    refunded: int
+    refund_refused: bool = False  # a refund was due but the ledger already had one
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRefill:
+    id: int
+    upstream_refill: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSyncState:
+    """The status loop's bookkeeping of one order."""
+
+    checked_at: float | None
+    next_check_at: float
+    cost: int | None
+    upstream_charge: str | None
+    upstream_currency: str | None
+    refunded: int
+    sync_problem: str | None
+
+
 _ORDER_COLUMNS: Final = (
     "id, reseller_id, service, state, status, link, quantity, charge, params, provider, "
-    "upstream_service, upstream_order, start_count, remains, created_at"
+    "upstream_service, upstream_order, start_count, remains, created_at, refunded"
 )
 
 
@@ -143,6 +240,7 @@ def _order(row: sqlite3.Row) -> Order:
         start_count=row[12],
         remains=row[13],
         created_at=row[14],
+        refunded=row[15],
     )
 
 
@@ -311,8 +409,8 @@ class Store:
         """
         now = time.time()
         try:
-            async with self._write() as db:
-                cursor = await db.execute(
+            async with self._write() as db:  # one hop to the database thread, under the lock
+                rows = await db.execute_fetchall(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
                     "params, provider, upstream_service, created_at, updated_at) "
                     "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
@@ -331,11 +429,9 @@ class Store:
                         order.charge,
                     ),
                 )
-                row = await cursor.fetchone()
-                await cursor.close()
         except sqlite3.IntegrityError:
             return None  # the balance CHECK: a backstop, the WHERE clause already decides
-        return int(row[0]) if row else None
+        return int(next(iter(rows))[0]) if rows else None
 
     async def note_route(self, order_id: int, provider: str, upstream_service: int) -> None:
         """Record the route about to be tried, before the call (a crash then leaves a trace)."""
@@ -355,22 +451,28 @@ class Store:
         provider: str | None = None,
         upstream_service: int | None = None,
         upstream_order: int | None = None,
+        event: str | None = None,
     ) -> None:
         """Finish placement: record the attempts and the order's new state.
 
         `placed` stores the upstream order; `held` keeps the funds reserved; `failed` refunds
-        the charge in the same transaction.
+        the charge in the same transaction; `canceled` (a held order the operator re-routed and
+        no route took) refunds it too, and its reseller sees Canceled. `event` (an operator's
+        re-route) becomes a 'resolve' row of the order's history, in the same transaction.
         """
-        assert state in ("placed", "held", "failed")
+        assert state in ("placed", "held", "failed", "canceled")
         now = time.time()
         async with self.transaction() as db:
             await self._insert_attempts(db, order_id, attempts)
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE orders SET state = ?, provider = coalesce(?, provider), "
                 "upstream_service = coalesce(?, upstream_service), upstream_order = ?, "
                 "updated_at = ? WHERE id = ? AND state = 'placing'",
                 (state, provider, upstream_service, upstream_order, now, order_id),
             )
+            # A server restarting during the operator's re-route held the order meanwhile:
+            # then only the attempts are recorded (the operator resolves it again).
+            settled = cursor.rowcount == 1
             if state == "failed":
                 await db.execute(
                     "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
@@ -378,6 +480,10 @@ class Store:
                     "FROM orders WHERE id = ? AND charge > 0",
                     (now, order_id),
                 )
+            elif state == "canceled" and settled:
+                await self._refund_canceled(db, order_id, now, "no route took the re-routed order")
+            if event is not None and settled:
+                await self._insert_resolve_event(db, order_id, now, event)
 
     @staticmethod
     async def _insert_attempts(
@@ -450,6 +556,145 @@ class Store:
         )
         return {row[0]: row[1] for row in rows}
 
+    # --- Operator: held orders ----------------------------------------------------------------
+    # Each resolution moves the state, the ledger and the order's history in ONE transaction,
+    # and only from `held`: two operators (or a retry) cannot resolve the same order twice.
+
+    async def held_orders(self) -> list[HeldOrder]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT o.id, o.reseller_id, r.name, o.service, o.provider, o.upstream_service, "
+            "o.charge, o.created_at, o.updated_at, "
+            "(SELECT a.error FROM attempts a WHERE a.order_id = o.id AND a.provider = o.provider "
+            "AND a.upstream_service = o.upstream_service ORDER BY a.id DESC LIMIT 1) "
+            "FROM orders o JOIN resellers r ON r.id = o.reseller_id "
+            "WHERE o.state = 'held' ORDER BY o.id"
+        )
+        return [HeldOrder(*row) for row in rows]
+
+    async def order_history(self, order_id: int) -> list[OrderEvent]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT at, kind, status, detail FROM order_events WHERE order_id = ? ORDER BY id",
+            (order_id,),
+        )
+        return [OrderEvent(*row) for row in rows]
+
+    async def order_ledger(self, order_id: int) -> list[LedgerEntry]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, reseller_id, order_id, kind, amount, note, created_at FROM ledger "
+            "WHERE order_id = ? ORDER BY id",
+            (order_id,),
+        )
+        return [LedgerEntry(*row) for row in rows]
+
+    async def reseller_name(self, reseller_id: int) -> str | None:
+        rows = await self._reader.execute_fetchall(
+            "SELECT name FROM resellers WHERE id = ?", (reseller_id,)
+        )
+        return str(rows[0][0]) if rows else None  # type: ignore[index]
+
+    async def attach_held(self, order_id: int, upstream_order: int, event: str) -> bool:
+        """Held -> placed with the upstream order found at the provider it was held on.
+
+        False (nothing changed) when the order is not held, or when another order of that
+        provider already has this upstream order (the same upstream order twice is two costs
+        for one delivery).
+        """
+        now = time.time()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE orders SET state = 'placed', upstream_order = ?1, updated_at = ?2 "
+                "WHERE id = ?3 AND state = 'held' AND NOT EXISTS (SELECT 1 FROM orders o "
+                "WHERE o.provider = orders.provider AND o.upstream_order = ?1)",
+                (upstream_order, now, order_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await self._insert_resolve_event(db, order_id, now, event)
+        return True
+
+    async def upstream_order_taken(self, provider: str, upstream_order: int) -> int | None:
+        """The local order that already holds this upstream order at `provider`, if any."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT id FROM orders WHERE provider = ? AND upstream_order = ?",
+            (provider, upstream_order),
+        )
+        return int(rows[0][0]) if rows else None  # type: ignore[index]
+
+    async def refund_held(self, order_id: int, event: str) -> bool:
+        """Held -> canceled: status Canceled, nothing delivered, the charge refunded in full.
+
+        False (nothing changed) when the order is not held.
+        """
+        now = time.time()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE orders SET state = 'canceled', updated_at = ? "
+                "WHERE id = ? AND state = 'held'",
+                (now, order_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await self._refund_canceled(db, order_id, now, "held order canceled by the operator")
+            await self._insert_resolve_event(db, order_id, now, event)
+        return True
+
+    async def begin_reroute(
+        self, order_id: int, provider: str, upstream_service: int, event: str
+    ) -> bool:
+        """Held -> placing on the first route to try; then `settle_order` ends it as an add.
+
+        False (nothing changed) when the order is not held: only one re-route at a time.
+        """
+        now = time.time()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE orders SET state = 'placing', provider = ?, upstream_service = ?, "
+                "updated_at = ? WHERE id = ? AND state = 'held'",
+                (provider, upstream_service, now, order_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await self._insert_resolve_event(db, order_id, now, event)
+        return True
+
+    async def hold_interrupted_reroute(self, order_id: int, event: str) -> None:
+        """A re-route stopped mid-call (Ctrl-C, error): held again on the route being tried."""
+        now = time.time()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE orders SET state = 'held', updated_at = ? "
+                "WHERE id = ? AND state = 'placing'",
+                (now, order_id),
+            )
+            if cursor.rowcount == 1:
+                await self._insert_resolve_event(db, order_id, now, event)
+
+    @staticmethod
+    async def _refund_canceled(
+        db: aiosqlite.Connection, order_id: int, now: float, note: str
+    ) -> None:
+        """A canceled order shows Canceled with nothing delivered, and its charge comes back."""
+        await db.execute(
+            "UPDATE orders SET status = 'Canceled', remains = quantity WHERE id = ?", (order_id,)
+        )
+        await db.execute(
+            "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
+            "SELECT reseller_id, id, 'refund', charge, ?, ? FROM orders WHERE id = ? "
+            "AND charge > 0",
+            (note, now, order_id),
+        )
+
+    @staticmethod
+    async def _insert_resolve_event(
+        db: aiosqlite.Connection, order_id: int, now: float, detail: str
+    ) -> None:
+        """An operator action in the order's history, with the order's status after it."""
+        await db.execute(
+            "INSERT INTO order_events (order_id, at, kind, status, detail) "
+            "SELECT id, ?, 'resolve', status, ? FROM orders WHERE id = ?",
+            (now, detail, order_id),
+        )
+
     # --- Refills ------------------------------------------------------------------------------
 
     async def create_refill(self, order: Order, upstream_refill: int) -> int:
@@ -484,6 +729,205 @@ class Store:
                 [(status, now, refill_id) for refill_id, status in statuses.items()],
             )
 
+    # --- Status sync --------------------------------------------------------------------------
+    # A status change, its history row and its refund are ONE transaction, applied only from the
+    # status the sync read (compare-and-set): a stale, repeated or racing pass changes nothing,
+    # and the ledger's UNIQUE (order_id, kind) refuses a second refund whatever the code does.
+
+    async def orders_due(
+        self,
+        provider: str,
+        *,
+        due_by: float,
+        after: tuple[float, int] | None = None,
+        limit: int = 100,
+    ) -> list[ActiveOrder]:
+        """Active orders at `provider` due by `due_by`, oldest due first, after the keyset
+        `after` (next_check_at, id) of the previous page: a pass reads each order once even
+        when its call fails and leaves it due."""
+        last_due, last_id = after if after is not None else (-1.0, 0)
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, upstream_order, quantity, charge, status, created_at, next_check_at, "
+            "sync_problem FROM orders INDEXED BY orders_due "
+            f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at <= ?2 "
+            "AND next_check_at >= ?3 AND (next_check_at > ?3 OR id > ?4) "
+            "AND upstream_order IS NOT NULL ORDER BY next_check_at, id LIMIT ?5",
+            (provider, due_by, last_due, last_id, limit),
+        )
+        return [ActiveOrder(*row) for row in rows]
+
+    async def record_statuses(
+        self, records: Sequence[StatusRecord], *, checked_at: float
+    ) -> list[StatusChange]:
+        """Apply one status call's answers in one transaction; the changes made."""
+        same = [r for r in records if r.status is not None and r.status == r.seen_status]
+        unreadable = [r for r in records if r.status is None]
+        changed = [r for r in records if r.status is not None and r.status != r.seen_status]
+        changes: list[StatusChange] = []
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE orders SET start_count = coalesce(?, start_count), "
+                "remains = coalesce(?, remains), cost = coalesce(?, cost), "
+                "upstream_charge = coalesce(?, upstream_charge), "
+                "upstream_currency = coalesce(?, upstream_currency), sync_problem = NULL, "
+                "checked_at = ?, next_check_at = ?, updated_at = ? "
+                f"WHERE id = ? AND status = ? AND {_ACTIVE_ORDER}",
+                [
+                    (
+                        *_sync_values(r),
+                        checked_at,
+                        r.next_check_at,
+                        checked_at,
+                        r.order_id,
+                        r.status,
+                    )
+                    for r in same
+                ],
+            )
+            await db.executemany(
+                "UPDATE orders SET start_count = coalesce(?, start_count), "
+                "remains = coalesce(?, remains), cost = coalesce(?, cost), "
+                "upstream_charge = coalesce(?, upstream_charge), "
+                "upstream_currency = coalesce(?, upstream_currency), sync_problem = ?, "
+                f"next_check_at = ?, updated_at = ? WHERE id = ? AND {_ACTIVE_ORDER}",
+                [
+                    (*_sync_values(r), r.problem, r.next_check_at, checked_at, r.order_id)
+                    for r in unreadable
+                ],
+            )
+            await db.executemany(
+                "INSERT INTO order_events (order_id, at, kind, status, detail) "
+                "SELECT id, ?, 'unknown_status', status, ? FROM orders WHERE id = ? "
+                f"AND {_ACTIVE_ORDER}",
+                [
+                    (checked_at, r.problem, r.order_id)
+                    for r in unreadable
+                    if r.problem != r.seen_problem
+                ],
+            )
+            for record in changed:
+                change = await self._change_status(db, record, checked_at)
+                if change is not None:
+                    changes.append(change)
+        return changes
+
+    @staticmethod
+    async def _change_status(
+        db: aiosqlite.Connection, record: StatusRecord, now: float
+    ) -> StatusChange | None:
+        assert record.status is not None
+        cursor = await db.execute(
+            "UPDATE orders SET status = ?, start_count = coalesce(?, start_count), "
+            "remains = coalesce(?, remains), cost = coalesce(?, cost), "
+            "upstream_charge = coalesce(?, upstream_charge), "
+            "upstream_currency = coalesce(?, upstream_currency), sync_problem = NULL, "
+            "checked_at = ?, next_check_at = ?, updated_at = ? "
+            f"WHERE id = ? AND status = ? AND {_ACTIVE_ORDER}",
+            (
+                record.status,
+                *_sync_values(record),
+                now,
+                record.next_check_at,
+                now,
+                record.order_id,
+                record.seen_status,
+            ),
+        )
+        if cursor.rowcount != 1:
+            return None  # another pass moved it first, or it left `placed`: nothing to do
+        await db.execute(
+            "INSERT INTO order_events (order_id, at, kind, status, detail) "
+            "VALUES (?, ?, 'status', ?, ?)",
+            (record.order_id, now, record.status, record.detail),
+        )
+        if record.refund <= 0:
+            return StatusChange(record.order_id, record.status, 0)
+        cursor = await db.execute(
+            "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
+            "SELECT reseller_id, id, 'refund', ?, ?, ? FROM orders WHERE id = ? "
+            "ON CONFLICT DO NOTHING",
+            (record.refund, f"upstream status {record.status}", now, record.order_id),
+        )
+        if cursor.rowcount != 1:
+            return StatusChange(record.order_id, record.status, 0, refund_refused=True)
+        return StatusChange(record.order_id, record.status, record.refund)
+
+    async def order_sync_state(self, order_id: int) -> OrderSyncState | None:
+        rows = await self._reader.execute_fetchall(
+            "SELECT checked_at, next_check_at, cost, upstream_charge, upstream_currency, "
+            "refunded, sync_problem FROM orders WHERE id = ?",
+            (order_id,),
+        )
+        return OrderSyncState(*rows[0]) if rows else None  # type: ignore[index]
+
+    async def open_refills(
+        self, provider: str, *, after: int = 0, limit: int = 100
+    ) -> list[OpenRefill]:
+        """Refills at `provider` whose outcome is still open, by ID after `after`."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, upstream_refill, status FROM refills INDEXED BY refills_open "
+            f"WHERE provider = ? AND {_OPEN_REFILL} AND id > ? ORDER BY id LIMIT ?",
+            (provider, after, limit),
+        )
+        return [OpenRefill(*row) for row in rows]
+
+    async def record_refill_statuses(self, changes: Sequence[tuple[OpenRefill, str]]) -> None:
+        """New refill words, each applied only from the word read before asking."""
+        if not changes:
+            return
+        now = time.time()
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE refills SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                [(word, now, refill.id, refill.status) for refill, word in changes],
+            )
+
+    async def record_cancel_requests(self, outcomes: Mapping[int, str | None]) -> None:
+        """Forwarded cancels in their orders' history: None when the upstream took it."""
+        if not outcomes:
+            return
+        now = time.time()
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO order_events (order_id, at, kind, status, detail) "
+                "SELECT id, ?, 'cancel', status, ? FROM orders WHERE id = ?",
+                [
+                    (now, "requested" if error is None else f"refused: {error}", order_id)
+                    for order_id, error in outcomes.items()
+                ],
+            )
+
+    async def create_placed_orders(self, orders: Sequence[tuple[NewOrder, int]]) -> range:
+        """Orders already placed upstream (NewOrder, upstream order ID), debited, in ONE
+        transaction; their local IDs. For imports and tests that need thousands at once."""
+        now = time.time()
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
+                "provider, upstream_service, upstream_order, created_at, updated_at) "
+                "VALUES (?, ?, 'placed', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        o.reseller_id,
+                        o.service,
+                        o.link,
+                        o.quantity,
+                        o.charge,
+                        json.dumps(dict(o.params), separators=(",", ":")),
+                        o.provider,
+                        o.upstream_service,
+                        upstream_order,
+                        now,
+                        now,
+                    )
+                    for o, upstream_order in orders
+                ],
+            )
+            rows = await db.execute_fetchall("SELECT max(id) FROM orders")
+        last = int(rows[0][0] or 0)  # type: ignore[index]
+        # Under the write lock, rowids of one transaction's inserts are consecutive.
+        return range(last - len(orders) + 1, last + 1)
+
     # --- Upstream call records ----------------------------------------------------------------
 
     async def record_calls(self, calls: Sequence[CallRecord]) -> None:
@@ -512,6 +956,309 @@ class Store:
         )
         return int(rows[0][0])  # type: ignore[index]
 
+    # --- Providers: balances, catalogues, reports ----------------------------------------------
+
+    async def record_balance(self, read: BalanceRead) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO provider_balances (provider, balance, currency, read_at) "
+                "VALUES (?, ?, ?, ?)",
+                (read.provider, read.balance, read.currency, read.read_at),
+            )
+
+    async def last_balances(self) -> dict[str, BalanceRead]:
+        """Each provider's latest balance read."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, balance, currency, max(read_at) FROM provider_balances "
+            "GROUP BY provider"
+        )
+        return {row[0]: BalanceRead(*row) for row in rows}
+
+    async def balance_reads(self, provider: str, since: float) -> list[BalanceRead]:
+        """A provider's balance reads from `since` on, preceded by the last one before it."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, balance, currency, read_at FROM provider_balances "
+            "WHERE provider = ?1 AND read_at >= coalesce(("
+            "  SELECT max(read_at) FROM provider_balances WHERE provider = ?1 AND read_at < ?2"
+            "), ?2) ORDER BY read_at, id",
+            (provider, since),
+        )
+        return [BalanceRead(*row) for row in rows]
+
+    async def prune_balances(self, older_than: float) -> int:
+        """Forget balance reads older than `older_than`, but never a provider's last one."""
+        async with self._write() as db:
+            cursor = await db.execute(
+                "DELETE FROM provider_balances WHERE read_at < ? AND id NOT IN "
+                "(SELECT max(id) FROM provider_balances GROUP BY provider)",
+                (older_than,),
+            )
+        return cursor.rowcount
+
+    async def last_no_funds(self, providers: Iterable[str]) -> dict[str, float]:
+        """When each provider last answered an `add` with `Not enough funds` (unix time)."""
+        found: dict[str, float] = {}
+        for provider in providers:
+            rows = await self._reader.execute_fetchall(
+                "SELECT started_at + latency FROM attempts WHERE provider = ? "
+                "AND outcome = 'no_funds' ORDER BY started_at DESC LIMIT 1",
+                (provider,),
+            )
+            if rows:
+                found[provider] = float(rows[0][0])  # type: ignore[index]
+        return found
+
+    async def record_catalogue(
+        self, provider: str, fetched_at: float, size: int, routes: Sequence[RouteListing]
+    ) -> None:
+        """Store a usable catalogue: its size, and what it says of each routed service.
+
+        A service it does not list keeps its last known terms, marked not present.
+        """
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO provider_catalogues (provider, fetched_at, services) VALUES (?, ?, ?) "
+                "ON CONFLICT (provider) DO UPDATE SET fetched_at = excluded.fetched_at, "
+                "services = excluded.services",
+                (provider, fetched_at, size),
+            )
+            await db.executemany(
+                "INSERT INTO route_catalogue (provider, service, present, name, type, rate, min, "
+                "max, refill, cancel, dripfeed, seen_at, checked_at) "
+                "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (provider, service) DO UPDATE SET present = 1, name = excluded.name, "
+                "type = excluded.type, rate = excluded.rate, min = excluded.min, "
+                "max = excluded.max, refill = excluded.refill, cancel = excluded.cancel, "
+                "dripfeed = excluded.dripfeed, seen_at = excluded.seen_at, "
+                "checked_at = excluded.checked_at",
+                [
+                    (
+                        provider,
+                        r.service,
+                        r.name,
+                        r.type,
+                        r.rate,
+                        r.min,
+                        r.max,
+                        r.refill,
+                        r.cancel,
+                        r.dripfeed,
+                        fetched_at,
+                        fetched_at,
+                    )
+                    for r in routes
+                    if r.present
+                ],
+            )
+            await db.executemany(
+                "INSERT INTO route_catalogue (provider, service, present, checked_at) "
+                "VALUES (?, ?, 0, ?) ON CONFLICT (provider, service) DO UPDATE SET present = 0, "
+                "checked_at = excluded.checked_at",
+                [(provider, r.service, fetched_at) for r in routes if not r.present],
+            )
+
+    async def catalogue_fetches(self) -> dict[str, CatalogueFetch]:
+        """When each provider's last usable catalogue came, and its size."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, fetched_at, services FROM provider_catalogues"
+        )
+        return {row[0]: CatalogueFetch(*row) for row in rows}
+
+    async def route_catalogue(self) -> list[RouteListing]:
+        """What the stored catalogues say of every routed upstream service seen so far."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, service, present, name, type, rate, min, max, refill, cancel, "
+            "dripfeed, seen_at, checked_at FROM route_catalogue ORDER BY provider, service"
+        )
+        return [
+            RouteListing(
+                row[0],
+                row[1],
+                bool(row[2]),
+                *row[3:8],
+                *(None if flag is None else bool(flag) for flag in row[8:11]),
+                *row[11:],
+            )
+            for row in rows
+        ]
+
+    async def provider_margin(
+        self, provider: str, to_base: Decimal, *, since: float = 0.0, until: float = math.inf
+    ) -> ProviderMargin:
+        """Orders placed at `provider` created in [since, until): revenue, cost and margin.
+
+        `to_base` converts the provider's currency into the config's (`fx`; 1 for the same).
+        An order without a recorded cost (no status yet) is costed at its upstream rate in the
+        stored catalogue; one without either is counted in `uncosted` and costs nothing here.
+        """
+        rows = await self._reader.execute_fetchall(
+            f"SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), "
+            f"coalesce(sum(o.cost), 0), "
+            f"coalesce(sum(o.cost IS NULL AND c.rate IS NOT NULL), 0), "
+            f"coalesce(sum(CASE WHEN o.cost IS NULL THEN {_RATE_TIMES_QUANTITY} END), 0), "
+            f"coalesce(sum(o.cost IS NULL AND c.rate IS NULL), 0) "
+            f"FROM orders o LEFT JOIN route_catalogue c "
+            f"ON c.provider = o.provider AND c.service = o.upstream_service "
+            f"WHERE o.provider = ? AND o.created_at >= ? AND o.created_at < ? "
+            f"AND o.state = 'placed'",
+            (*_FLAT_TYPES, provider, since, until),
+        )
+        orders, revenue, recorded, estimated, milli, uncosted = rows[0]  # type: ignore[index]
+        return ProviderMargin(
+            provider=provider,
+            orders=orders,
+            revenue=revenue,
+            cost=recorded + _estimate(milli, to_base),
+            estimated=estimated,
+            uncosted=uncosted,
+        )
+
+    async def order_margin(self, order_id: int, to_base: Decimal) -> OrderMargin | None:
+        """One order's revenue (charge minus refunds), cost and margin; None if unknown.
+
+        `to_base` converts the currency of the provider holding the order into the config's.
+        """
+        rows = await self._reader.execute_fetchall(
+            f"SELECT o.id, o.provider, o.charge, o.refunded, o.cost, "
+            f"CASE WHEN c.rate IS NOT NULL THEN {_RATE_TIMES_QUANTITY} END "
+            f"FROM orders o LEFT JOIN route_catalogue c "
+            f"ON c.provider = o.provider AND c.service = o.upstream_service WHERE o.id = ?",
+            (*_FLAT_TYPES, order_id),
+        )
+        if not rows:
+            return None
+        order, provider, charge, refunded, cost, milli = rows[0]  # type: ignore[index]
+        estimated = cost is None and milli is not None
+        return OrderMargin(
+            order_id=order,
+            provider=provider,
+            charge=charge,
+            refunded=refunded,
+            cost=_estimate(milli, to_base) if estimated else cost,
+            cost_estimated=estimated,
+        )
+
+    async def add_outcomes(
+        self, provider: str, *, since: float = 0.0, until: float = math.inf
+    ) -> dict[str, int]:
+        """A provider's `add` attempts started in [since, until), counted by outcome."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT outcome, count(*) FROM attempts WHERE provider = ? AND started_at >= ? "
+            "AND started_at < ? GROUP BY outcome",
+            (provider, since, until),
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def call_latency(
+        self, provider: str, *, since: float = 0.0, until: float = math.inf
+    ) -> CallLatency:
+        """Median and 95th percentile (nearest rank) of a provider's calls in [since, until)."""
+        where = "WHERE provider = ? AND started_at >= ? AND started_at < ?"
+        args = (provider, since, until)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT count(*) FROM upstream_calls {where}", args
+        )
+        count = int(rows[0][0])  # type: ignore[index]
+        if not count:
+            return CallLatency(0, None, None)
+        ranked: list[float] = []
+        for share in (0.5, 0.95):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT latency FROM upstream_calls {where} ORDER BY latency LIMIT 1 OFFSET ?",
+                (*args, max(math.ceil(share * count) - 1, 0)),
+            )
+            ranked.append(float(rows[0][0]))  # type: ignore[index]
+        return CallLatency(count, ranked[0], ranked[1])
+
+
+# --- Providers: balances, catalogues, reports (records) ----------------------------------------
+
+# An order's upstream cost at its catalogue rate, times 1000 (in minor units of the provider's
+# currency): rate x quantity, or rate x 1000 for the flat types, which cost `rate` per order.
+_FLAT_TYPES: Final = tuple(n for n, kind in v2.SERVICE_TYPES.items() if kind.quantity == "flat")
+_RATE_TIMES_QUANTITY: Final = (
+    f"CASE WHEN c.type IN ({_placeholders(len(_FLAT_TYPES))}) THEN c.rate * 1000 "
+    "ELSE c.rate * o.quantity END"
+)
+
+
+def _estimate(milli: int, to_base: Decimal) -> int:
+    """`milli` (1000 x minor units of a provider's currency) in minor units of the base one."""
+    return int((Decimal(milli) * to_base / 1000).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceRead:
+    provider: str
+    balance: int  # minor units of `currency`
+    currency: str
+    read_at: float  # unix time the read was sent
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueFetch:
+    provider: str
+    fetched_at: float  # unix time of the last usable catalogue
+    services: int  # its size
+
+
+@dataclass(frozen=True, slots=True)
+class RouteListing:
+    """What a provider's catalogue says of one upstream service that a route points at."""
+
+    provider: str
+    service: int
+    present: bool  # False: the last usable catalogue did not list it (terms: the last known)
+    name: str | None = None
+    type: str | None = None
+    rate: int | None = None  # per 1000 (per order for flat types), minor units, its currency
+    min: int | None = None
+    max: int | None = None
+    refill: bool | None = None
+    cancel: bool | None = None
+    dripfeed: bool | None = None
+    seen_at: float | None = None
+    checked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMargin:
+    provider: str
+    orders: int  # placed at the provider
+    revenue: int  # what resellers paid: charges minus refunds, minor units
+    cost: int  # recorded upstream costs, plus catalogue estimates where none is recorded yet
+    estimated: int  # orders whose cost is a catalogue estimate
+    uncosted: int  # orders with neither a recorded cost nor a catalogue rate (not in `cost`)
+
+    @property
+    def margin(self) -> int:
+        return self.revenue - self.cost
+
+
+@dataclass(frozen=True, slots=True)
+class OrderMargin:
+    order_id: int
+    provider: str | None
+    charge: int
+    refunded: int
+    cost: int | None  # None: neither recorded nor estimable
+    cost_estimated: bool
+
+    @property
+    def revenue(self) -> int:
+        return self.charge - self.refunded
+
+    @property
+    def margin(self) -> int | None:
+        return None if self.cost is None else self.revenue - self.cost
+
+
+@dataclass(frozen=True, slots=True)
+class CallLatency:
+    calls: int
+    p50: float | None  # seconds
+    p95: float | None
+
 
 async def _connect(path: Path | str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(str(path), isolation_level=None)
@@ -539,6 +1286,18 @@ def _split_sql(script: str) -> list[str]:
     if "\n".join(current).strip():
         raise ValueError("migration ends inside a statement")
     return statements
+
+
+def _sync_values(
+    record: StatusRecord,
+) -> tuple[int | None, int | None, int | None, str | None, str | None]:
+    return (
+        record.start_count,
+        record.remains,
+        record.cost,
+        record.upstream_charge,
+        record.upstream_currency,
+    )
 
 
 def _reason(exc: sqlite3.IntegrityError) -> str:

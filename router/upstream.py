@@ -284,6 +284,33 @@ def parse_statuses(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class StatusReading:
+    """One order's item in a multi `status` answer: its status, or the text we could not read."""
+
+    status: UpstreamStatus | None
+    problem: str | None  # set when status is None: the per-item error or the unreadable item
+
+
+def read_statuses(
+    data: Any, ids: Sequence[int], quantities: Mapping[int, int]
+) -> dict[int, StatusReading]:
+    """The answer to a multi `status` per asked ID, keeping what could not be read (the status
+    sync records it for ops instead of guessing a state)."""
+    items = _by_id(data, ids, field="order", single="status")
+    readings: dict[int, StatusReading] = {}
+    for i in ids:
+        if i not in items:
+            readings[i] = StatusReading(None, "missing from the answer")
+            continue
+        raw = items[i]
+        status = parse_status_item(raw, quantities.get(i))
+        error = _item_error(raw)
+        problem = None if status is not None else _error_text(raw if error is None else error)
+        readings[i] = StatusReading(status, problem)
+    return readings
+
+
 def parse_refill(data: Any) -> int:
     """The upstream refill ID in the answer to `refill`."""
     value = data.get("refill") if isinstance(data, dict) else None
@@ -429,6 +456,21 @@ class UpstreamClient:
         return await self._call(
             "status", fields, lambda d: parse_statuses(d, ids, quantities or {}, self.name)
         )
+
+    async def status_readings(
+        self, order_ids: Sequence[int], quantities: Mapping[int, int] | None = None
+    ) -> dict[int, StatusReading]:
+        """Like `status`, with the raw text of each item that could not be read."""
+        if not (ids := _batch(order_ids)):
+            return {}
+        fields = {"orders": _joined(ids)}
+        readings = await self._call(
+            "status", fields, lambda d: read_statuses(d, ids, quantities or {})
+        )
+        return {
+            i: StatusReading(r.status, self._redact(r.problem)) if r.problem else r
+            for i, r in readings.items()
+        }
 
     async def refill(self, order_id: int) -> int:
         """Ask for a refill of one order; the upstream refill ID."""

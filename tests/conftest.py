@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -161,11 +162,17 @@ async def start_router(
     """Start the router app against the given providers (name -> URL) and services."""
 
     async def start(
-        providers: dict[str, str], services: Iterable[Service], *, upstream_timeout: float = 2.0
+        providers: dict[str, str],
+        services: Iterable[Service],
+        *,
+        upstream_timeout: float = 2.0,
+        background: bool = False,  # True: the app's background loops run too
+        **changes: Any,  # Config fields to replace, e.g. sync=Sync(...), fx={...}
     ) -> Router:
         config = build_config(tmp_path / "router.db", providers, services, timeout=upstream_timeout)
+        config = dataclasses.replace(config, **changes)
         registry = CollectorRegistry()
-        app = create_app(config, background=False, registry=registry)
+        app = create_app(config, background=background, registry=registry)
         client = await aiohttp_client(app)
         return Router(client, config, registry)
 
