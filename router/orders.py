@@ -394,19 +394,8 @@ class OrderDesk:
 
     async def refill(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, int | str]:
         """Ask the provider holding each order for a refill: local refill ID, or error text."""
-        orders = await self.orders(reseller, order_ids)
-        results: dict[int, int | str] = {}
-        todo: list[Order] = []
-        for order_id in dict.fromkeys(order_ids):
-            order = orders.get(order_id)
-            if order is None:
-                results[order_id] = v2.INCORRECT_ORDER
-            elif not self._offers(order, "refill"):
-                results[order_id] = v2.REFILL_DISABLED
-            elif order.state != "placed" or order.upstream_order is None:
-                results[order_id] = v2.UNAVAILABLE
-            else:
-                todo.append(order)
+        errors, todo = await self._forwardable(reseller, order_ids, "refill", v2.REFILL_DISABLED)
+        results: dict[int, int | str] = dict(errors)
 
         async def one(order: Order) -> int | str:
             assert order.provider is not None and order.upstream_order is not None
@@ -437,19 +426,8 @@ class OrderDesk:
 
     async def cancel(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, str | None]:
         """Forward a cancel for each order: None when requested, else the error text."""
-        orders = await self.orders(reseller, order_ids)
-        results: dict[int, str | None] = {}
-        todo: list[Order] = []
-        for order_id in dict.fromkeys(order_ids):
-            order = orders.get(order_id)
-            if order is None:
-                results[order_id] = v2.INCORRECT_ORDER
-            elif not self._offers(order, "cancel"):
-                results[order_id] = v2.CANCEL_DISABLED
-            elif order.state != "placed" or order.upstream_order is None:
-                results[order_id] = v2.UNAVAILABLE
-            else:
-                todo.append(order)
+        errors, todo = await self._forwardable(reseller, order_ids, "cancel", v2.CANCEL_DISABLED)
+        results: dict[int, str | None] = dict(errors)
 
         async def one_provider(provider: str, group: list[Order]) -> None:
             upstream_ids = [order.upstream_order for order in group if order.upstream_order]
@@ -466,6 +444,26 @@ class OrderDesk:
         await asyncio.gather(*(one_provider(p, group) for p, group in by_provider.items()))
         await self.store.record_cancel_requests({order.id: results[order.id] for order in todo})
         return results
+
+    async def _forwardable(
+        self, reseller: Reseller, order_ids: Sequence[int], feature: str, disabled: str
+    ) -> tuple[dict[int, str], list[Order]]:
+        """Split a refill or cancel request: (error text per order it cannot reach, orders to
+        forward to their provider). Each ID once, in the order sent."""
+        orders = await self.orders(reseller, order_ids)
+        errors: dict[int, str] = {}
+        todo: list[Order] = []
+        for order_id in dict.fromkeys(order_ids):
+            order = orders.get(order_id)
+            if order is None:
+                errors[order_id] = v2.INCORRECT_ORDER
+            elif not self._offers(order, feature):
+                errors[order_id] = disabled
+            elif order.state != "placed" or order.upstream_order is None:
+                errors[order_id] = v2.UNAVAILABLE
+            else:
+                todo.append(order)
+        return errors, todo
 
     def _offers(self, order: Order, feature: str) -> bool:
         service = self.config.services.get(order.service)
