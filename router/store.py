@@ -6,8 +6,13 @@ Usage::
     order_id = await store.reserve_order(new_order)   # None: not enough funds
     await store.close()
 
-One connection writes, behind one lock (aiosqlite serialises statements, not transactions: two
-coroutines sharing a connection would share a transaction); another reads (WAL lets it). Money
+Three connections. Transactions of several statements run on one, behind one lock (aiosqlite
+serialises statements, not transactions: two coroutines sharing a connection would share a
+transaction). Writes of ONE statement (the hot path: reserving an order, settling it) go to a
+second connection without any lock: aiosqlite queues them to its thread, which runs them back
+to back without waiting for the event loop in between; SQLite itself serialises them with the
+transactions (a DML statement takes the write lock before it reads, and busy_timeout waits for
+it). A third connection reads (WAL lets it). Money
 is integer minor units (router.v2.MINOR_PER_UNIT). The invariants that matter (balance never
 below zero, balance = sum of the ledger, one refund per order) are enforced by the schema
 itself, so neither a race nor the CLI can break them.
@@ -20,18 +25,20 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import aiosqlite
 
 from router import v2
 from router.upstream import CallRecord
+
+T = TypeVar("T")
 
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -244,6 +251,40 @@ def _order(row: sqlite3.Row) -> Order:
     )
 
 
+async def _to_the_end(call: Awaitable[T]) -> T:
+    """Await a database call to its end even if cancelled meanwhile, then let the cancel go on.
+
+    The call runs in aiosqlite's thread whatever happens to the awaiting task: the connection's
+    transaction state is only known once it has ended.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _attempts_json(attempts: Iterable[Attempt]) -> str:
+    """Attempts as the settling UPDATE carries them (see migration 0004)."""
+    return json.dumps(
+        [
+            {
+                "rank": a.rank,
+                "provider": a.provider,
+                "upstream_service": a.upstream_service,
+                "started_at": a.started_at,
+                "latency": a.latency,
+                "outcome": a.outcome,
+                "error": a.error,
+                "upstream_order": a.upstream_order,
+            }
+            for a in attempts
+        ],
+        separators=(",", ":"),
+    )
+
+
 def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
@@ -251,8 +292,14 @@ def _placeholders(count: int) -> str:
 class Store:
     """The router's SQLite database. Open with `await Store.open(path)`."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
-        self._writer = writer
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        statements: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+    ) -> None:
+        self._writer = writer  # transactions, under _write_lock
+        self._statements = statements  # single autocommit statements, no lock
         self._reader = reader
         self._write_lock = asyncio.Lock()
 
@@ -262,31 +309,38 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path)
         await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-        store = cls(writer, await _connect(path))
+        store = cls(writer, await _connect(path), await _connect(path))
         await store._migrate()
         return store
 
     async def close(self) -> None:
         await self._reader.close()
+        await self._statements.close()
         await self._writer.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """`BEGIN IMMEDIATE` ... `COMMIT` on the write connection, under the write lock."""
+        db = self._writer
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
+                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
+                yield db
+                await _to_the_end(db.execute("COMMIT"))
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                # Also when cancelled (a loop stopping, Ctrl-C): the lock must never be let go
+                # with a transaction open, or every later transaction fails.
+                if db.in_transaction:
+                    await _to_the_end(db.execute("ROLLBACK"))
                 raise
-            await self._writer.execute("COMMIT")
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The write connection for one autocommit statement, under the write lock."""
-        async with self._write_lock:
-            yield self._writer
+        """The connection for ONE autocommit statement: atomic on its own, so no lock.
+
+        Never run two statements through it that must be atomic together: use transaction().
+        """
+        yield self._statements
 
     async def _migrate(self) -> None:
         await self._writer.execute(
@@ -409,7 +463,7 @@ class Store:
         """
         now = time.time()
         try:
-            async with self._write() as db:  # one hop to the database thread, under the lock
+            async with self._write() as db:  # one statement: one hop to the database thread
                 rows = await db.execute_fetchall(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
                     "params, provider, upstream_service, created_at, updated_at) "
@@ -462,51 +516,40 @@ class Store:
         """
         assert state in ("placed", "held", "failed", "canceled")
         now = time.time()
+        # One statement records the attempts whatever the order's state (an attempt may have
+        # created an upstream order: it must never be lost) and moves the order only if it is
+        # still `placing` (a restart meanwhile held it: the operator resolves it again).
+        # The triggers of migration 0004 write the attempt rows and a failed order's refund.
+        statement = (
+            "UPDATE orders SET settling_attempts = ?1, "
+            "state = CASE WHEN state = 'placing' THEN ?2 ELSE state END, "
+            "provider = CASE WHEN state = 'placing' THEN coalesce(?3, provider) ELSE provider END, "
+            "upstream_service = CASE WHEN state = 'placing' "
+            "THEN coalesce(?4, upstream_service) ELSE upstream_service END, "
+            "upstream_order = CASE WHEN state = 'placing' THEN ?5 ELSE upstream_order END, "
+            "updated_at = ?6 WHERE id = ?7 RETURNING state"
+        )
+        args = (
+            _attempts_json(attempts),
+            state,
+            provider,
+            upstream_service,
+            upstream_order,
+            now,
+            order_id,
+        )
+        if state != "canceled" and event is None:
+            async with self._write() as db:  # the hot path of `add`: one hop
+                await db.execute_fetchall(statement, args)
+            return
         async with self.transaction() as db:
-            await self._insert_attempts(db, order_id, attempts)
-            cursor = await db.execute(
-                "UPDATE orders SET state = ?, provider = coalesce(?, provider), "
-                "upstream_service = coalesce(?, upstream_service), upstream_order = ?, "
-                "updated_at = ? WHERE id = ? AND state = 'placing'",
-                (state, provider, upstream_service, upstream_order, now, order_id),
-            )
-            # A server restarting during the operator's re-route held the order meanwhile:
-            # then only the attempts are recorded (the operator resolves it again).
-            settled = cursor.rowcount == 1
-            if state == "failed":
-                await db.execute(
-                    "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
-                    "SELECT reseller_id, id, 'refund', charge, 'no upstream took the order', ? "
-                    "FROM orders WHERE id = ? AND charge > 0",
-                    (now, order_id),
-                )
-            elif state == "canceled" and settled:
+            rows = await db.execute_fetchall(statement, args)
+            # Moved iff it was placing: no other writer can end in `state` from elsewhere here.
+            settled = [row[0] for row in rows] == [state]
+            if state == "canceled" and settled:
                 await self._refund_canceled(db, order_id, now, "no route took the re-routed order")
             if event is not None and settled:
                 await self._insert_resolve_event(db, order_id, now, event)
-
-    @staticmethod
-    async def _insert_attempts(
-        db: aiosqlite.Connection, order_id: int, attempts: Iterable[Attempt]
-    ) -> None:
-        await db.executemany(
-            "INSERT INTO attempts (order_id, rank, provider, upstream_service, started_at, "
-            "latency, outcome, error, upstream_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    order_id,
-                    a.rank,
-                    a.provider,
-                    a.upstream_service,
-                    a.started_at,
-                    a.latency,
-                    a.outcome,
-                    a.error,
-                    a.upstream_order,
-                )
-                for a in attempts
-            ],
-        )
 
     async def hold_interrupted_orders(self) -> int:
         """Orders left `placing` by a process that died mid-call become `held` (at start-up)."""

@@ -1,0 +1,102 @@
+"""The store's own guarantees: transactions that survive cancellation, one-statement settling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from router.store import Attempt, NewOrder, Store
+from router.upstream import CallRecord, Outcome
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> Store:
+    opened = await Store.open(tmp_path / "router.db")
+    yield opened  # type: ignore[misc]
+    await opened.close()
+
+
+def _call() -> CallRecord:
+    return CallRecord("alpha", "status", time.time(), 0.01, Outcome.ACCEPTED)
+
+
+@pytest.mark.parametrize("yields", [1, 2, 3, 5, 8])
+async def test_a_cancelled_transaction_never_leaves_one_open(store: Store, yields: int) -> None:
+    """Cancelled at BEGIN, in its body or at COMMIT: the next transaction still works."""
+    task = asyncio.create_task(store.record_calls([_call()]))
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.record_calls([_call(), _call()])  # "cannot start a transaction" if one is open
+    assert await store.count_calls() in (2, 3)  # the cancelled batch is all there or not at all
+
+
+async def test_a_cancelled_body_is_rolled_back(store: Store) -> None:
+    reseller = await store.create_reseller("acme", "hash", 0)
+    inside = asyncio.Event()
+
+    async def topup_then_hang() -> None:
+        async with store.transaction() as db:
+            await db.execute(
+                "INSERT INTO ledger (reseller_id, kind, amount, created_at) "
+                "VALUES (?, 'topup', 500, 0)",
+                (reseller.id,),
+            )
+            inside.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(topup_then_hang())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = await store.reseller_by_name("acme")
+    assert after is not None and after.balance == 0
+    assert await store.ledger_sum(reseller.id) == 0
+
+
+async def _placing(store: Store) -> tuple[int, int]:
+    reseller = await store.create_reseller("acme", "hash", 1000)
+    order_id = await store.reserve_order(
+        NewOrder(reseller.id, 1, "https://x.example/p", 100, 300, {"quantity": "100"}, "a", 7)
+    )
+    assert order_id is not None
+    return reseller.id, order_id
+
+
+def _attempt(rank: int, provider: str, outcome: str, upstream_order: int | None = None) -> Attempt:
+    return Attempt(rank, provider, 7, time.time(), 0.25, outcome, "refused: x", upstream_order)
+
+
+async def test_settling_records_attempts_and_refunds_a_failure_once(store: Store) -> None:
+    reseller_id, order_id = await _placing(store)
+    attempts = [_attempt(0, "a", "refused"), _attempt(1, "b", "unreachable")]
+    await store.settle_order(order_id, state="failed", attempts=attempts)
+    order = await store.order(order_id)
+    assert order is not None and order.state == "failed"
+    assert await store.attempts(order_id) == attempts
+    assert await store.ledger_sum(reseller_id) == 1000
+    # Settling again (a bug, a replay) moves nothing and pays nothing twice.
+    await store.settle_order(order_id, state="failed", attempts=[])
+    assert await store.ledger_sum(reseller_id) == 1000
+    assert [e.kind for e in await store.ledger(reseller_id)] == ["topup", "charge", "refund"]
+
+
+async def test_settling_an_order_held_meanwhile_keeps_its_attempts(store: Store) -> None:
+    """A restart held the order while its add was in flight: the accepted attempt, the only
+    trace of the upstream order, is recorded; the order stays held for the operator."""
+    reseller_id, order_id = await _placing(store)
+    assert await store.hold_interrupted_orders() == 1
+    accepted = _attempt(0, "a", "accepted", upstream_order=4242)
+    await store.settle_order(
+        order_id, state="placed", attempts=[accepted], provider="a", upstream_order=4242
+    )
+    order = await store.order(order_id)
+    assert order is not None and order.state == "held" and order.upstream_order is None
+    assert await store.attempts(order_id) == [accepted]
+    assert await store.ledger_sum(reseller_id) == 700
