@@ -25,6 +25,7 @@ from router.v2 import V2Error
 REFUSAL: Final = "You have active order with this link. Please wait until order being completed."
 CANNOT_CANCEL: Final = "Order cannot be canceled: it is already final"
 REFILL_UNAVAILABLE: Final = "Refill is available only for completed orders"
+PACKAGE_UNITS: Final = 1000  # units a package (flat-priced) order delivers; remains count these
 PENDING_SHARE: Final = 0.1  # the first 10% of progress_seconds an order (or refill) stays Pending
 CLOUDFLARE_502: Final = """<html>
 <head><title>502 Bad Gateway</title></head>
@@ -398,6 +399,8 @@ class SimProvider:
                 raise V2Error(v2.INCORRECT_REQUEST)
             total = run_count * quantity
         cost = service.rate if kind.quantity == "flat" else service.rate * total / 1000
+        if kind.quantity == "flat":
+            total = PACKAGE_UNITS  # what a package delivers, counted as a real panel counts it
         if cost > self._balance:
             raise V2Error(v2.NOT_ENOUGH_FUNDS)
         self._balance -= cost

@@ -173,6 +173,7 @@ class ActiveOrder:
     created_at: float
     next_check_at: float
     sync_problem: str | None
+    service: int  # local service ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,7 +792,7 @@ class Store:
         last_due, last_id = after if after is not None else (-1.0, 0)
         rows = await self._reader.execute_fetchall(
             "SELECT id, upstream_order, quantity, charge, status, created_at, next_check_at, "
-            "sync_problem FROM orders INDEXED BY orders_due "
+            "sync_problem, service FROM orders INDEXED BY orders_due "
             f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at <= ?2 "
             "AND next_check_at >= ?3 AND (next_check_at > ?3 OR id > ?4) "
             "AND upstream_order IS NOT NULL ORDER BY next_check_at, id LIMIT ?5",

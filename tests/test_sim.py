@@ -15,6 +15,7 @@ import pytest
 
 from router import v2
 from router.sim import (
+    PACKAGE_UNITS,
     Fault,
     SimProvider,
     SimService,
@@ -195,7 +196,7 @@ async def test_quantity_by_type(http: aiohttp.ClientSession, sim: SimProvider) -
     assert await add(http, sim, service=103, comments=comments, quantity="") == {"order": 1000}
     assert (sim.orders[1000].quantity, sim.orders[1000].cost) == (3, Decimal("0.036"))
     assert await add(http, sim, service=102, quantity="") == {"order": 1001}
-    assert (sim.orders[1001].quantity, sim.orders[1001].cost) == (1, Decimal("2.40"))
+    assert (sim.orders[1001].quantity, sim.orders[1001].cost) == (PACKAGE_UNITS, Decimal("2.40"))
     traffic = {"country": "US", "device": "1", "type_of_traffic": "2", "referring_url": LINK}
     assert await add(http, sim, service=116, quantity=500, **traffic) == {"order": 1002}
     assert sim.orders[1002].cost == Decimal("0.15")

@@ -621,3 +621,25 @@ async def test_a_hanging_provider_delays_only_its_own_orders(
     assert view["status"] == "Pending"
     state = await router.store.order_sync_state(on_slow)
     assert state is not None and state.checked_at is None
+
+
+async def test_a_package_ending_partial_is_left_to_the_operator(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A package's remains count units of a size we do not know: no refund is guessed."""
+    sim = await start_sim(partial_every=1)
+    clock = SteppedClock()
+    services = [service(3, [("alpha", 102)], type="Package", rate="2.50", min=1, max=1)]
+    router = await open_router(start_router, clock, {"alpha": sim.url}, services)
+    key = await router.reseller("acme", "10")
+    order_id = (await router.call(key=key, action="add", service=3, link="x"))["order"]
+    await sync_round(router, clock)
+    sim.advance(sim.progress_seconds)
+    await sync_round(router, clock)
+
+    view = await router.call(key=key, action="status", order=order_id)
+    assert view["status"] == "Partial" and view["charge"] == "2.50"
+    assert await refunds_of(router, order_id) == []
+    assert await balances_match(router) == v2.to_minor(Decimal("7.50"))
+    events = await router.store.order_history(order_id)
+    assert any("operator decides" in (event.detail or "") for event in events)

@@ -37,6 +37,7 @@ log = structlog.get_logger("router.sync.orders")
 PAGE: Final = v2.MAX_IDS_PER_REQUEST  # due orders (or open refills) per upstream call
 MISSING: Final = "missing from the answer"
 PARTIAL_WITHOUT_REMAINS: Final = "Partial without a number of remains"
+FLAT_PARTIAL: Final = "none: a flat-priced order (package) ended Partial; the operator decides"
 
 
 def refund_for(status: str, charge: int, quantity: int, remains: int) -> int:
@@ -45,13 +46,15 @@ def refund_for(status: str, charge: int, quantity: int, remains: int) -> int:
     - Canceled: the whole charge.
     - Partial: ``charge * remains / quantity``, rounded DOWN to the minor unit, with `remains`
       clamped to [0, quantity]. `quantity` is the charged quantity (runs * quantity for
-      drip-feed, the number of lines for comment types, 1 for packages), so this is
+      drip-feed, the number of lines for comment types), so this is
       `remains * rate / 1000` of what was actually charged; rounding down means we never give
       back more than was charged (at most one minor unit less than the exact share).
     - Anything else: nothing.
 
     A Partial whose remains the upstream does not know ("Unknown", missing) is not final for
-    us: the order stays active and is refunded once a number arrives (see `OrderSync`).
+    us: the order stays active and is refunded once a number arrives. A flat-priced order
+    (a package) that ends Partial is not refunded at all: its remains count units of a package
+    size we do not know; it is recorded for the operator (see `OrderSync`).
     """
     if status == v2.CANCELED:
         return charge
@@ -239,7 +242,8 @@ class OrderSync:
             )
         cost, raw_charge, currency = self._cost(provider, status)
         remains = status.remains
-        if remains is not None:
+        flat = self._flat_priced(order.service)
+        if remains is not None and not flat:
             remains = min(max(remains, 0), order.quantity)
         detail: dict[str, object] = {
             "start_count": status.start_count,
@@ -263,7 +267,13 @@ class OrderSync:
             )
         refund = 0
         if status.status != order.status:
-            refund = refund_for(status.status, order.charge, order.quantity, remains or 0)
+            if status.status == v2.PARTIAL and flat:
+                # A package's remains count units of a size we do not know: no share of the
+                # flat charge can be derived from them. Recorded for the operator, never guessed.
+                detail["refund"] = FLAT_PARTIAL
+                log.warning("flat_priced_partial", provider=provider, order_id=order.id)
+            else:
+                refund = refund_for(status.status, order.charge, order.quantity, remains or 0)
             if refund:
                 detail["refund"] = v2.format_money(refund)
         return StatusRecord(
@@ -279,6 +289,11 @@ class OrderSync:
             refund=refund,
             detail=json.dumps(detail, separators=(",", ":")),
         )
+
+    def _flat_priced(self, service_id: int) -> bool:
+        """Charged the rate once (Package, Custom Comments Package): `quantity` is 1 for us."""
+        service = self.config.services.get(service_id)
+        return service is not None and v2.SERVICE_TYPES[service.type].quantity == "flat"
 
     def _cost(self, provider: str, status: UpstreamStatus) -> tuple[int | None, str | None, str]:
         """(cost in base minor units, the charge as the upstream wrote it, its currency)."""
