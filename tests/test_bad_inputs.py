@@ -199,3 +199,75 @@ async def test_key_never_in_answers_or_logs(world: Any) -> None:
     assert logs and key not in repr(logs)
     requests = [entry for entry in logs if entry["event"] == "request"]
     assert [entry["outcome"] for entry in requests] == ["invalid_key", "ok"]
+
+
+FUZZ_VALUES = [
+    "",
+    " ",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "101",
+    "1e3",
+    "0x10",
+    "1.0",
+    "NaN",
+    "9" * 30,
+    "1,2,3",
+    ",,",
+    "1," * 150,
+    "[1,2]",
+    '{"a":1}',
+    "null",
+    "\x00",
+    "\u202e",
+    "😀",
+    "%FF",
+    "x" * 3000,
+    "https://instagram.com/p/1",
+    "a\nb\r\nc",
+]
+FUZZ_FIELDS = ["action", "service", "link", "quantity", "order", "orders", "refill", "refills",
+               "comments", "usernames", "runs", "interval", "answer_number"]  # fmt: skip
+FUZZ_ACTIONS = ["services", "add", "status", "refill", "refill_status", "cancel", "balance", "x"]
+KNOWN_ERRORS = {
+    v2.INVALID_KEY, v2.INCORRECT_REQUEST, v2.INCORRECT_SERVICE, v2.INCORRECT_ORDER,
+    v2.NOT_ENOUGH_FUNDS, v2.INCORRECT_LINK, v2.REFILL_DISABLED, v2.CANCEL_DISABLED,
+    v2.REFILL_NOT_FOUND, v2.TOO_MANY_IDS, v2.UNAVAILABLE,
+}  # fmt: skip
+
+
+def _errors_in(answer: Any) -> list[str]:
+    """Every error message anywhere in an answer (lists and maps of per-item answers too)."""
+    if isinstance(answer, dict):
+        found = [answer["error"]] if isinstance(answer.get("error"), str) else []
+        return found + [e for value in answer.values() for e in _errors_in(value)]
+    if isinstance(answer, list):
+        return [e for item in answer for e in _errors_in(item)]
+    return []
+
+
+async def test_random_requests_never_break_the_api(world: Any) -> None:
+    """Hundreds of random mixes of actions, fields, values and encodings: every answer is HTTP
+    200 JSON, every error a V2.md message, and the ledger still balances."""
+    import random
+
+    _, router, key, _ = world
+    rng = random.Random(20261127)
+    for _ in range(400):
+        params: dict[str, str] = {"key": key, "action": rng.choice(FUZZ_ACTIONS)}
+        for field in rng.sample(FUZZ_FIELDS, rng.randint(0, 5)):
+            params[field] = rng.choice(FUZZ_VALUES)
+        encoding = rng.choice(["get", "form", "multipart", "json"])
+        if encoding == "get" and len(urllib.parse.urlencode(params)) > 6000:
+            encoding = "form"  # a URL that long is refused by aiohttp's client before sending
+        response = await router.raw(encoding, **params)
+        assert response.status == 200, (params, await response.text())
+        assert response.content_type == "application/json", params
+        answer = await response.json()
+        for message in _errors_in(answer):
+            assert message in KNOWN_ERRORS or message.startswith("Quantity"), (params, answer)
+    acme = await router.store.reseller_by_name("acme")
+    assert acme is not None
+    assert await router.store.ledger_sum(acme.id) == acme.balance >= 0
