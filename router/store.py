@@ -88,7 +88,7 @@ class Order:
     link: str
     quantity: int
     charge: int
-    params: Mapping[str, str]
+    params_json: str  # the type-specific parameters sent upstream, as stored
     provider: str | None
     upstream_service: int | None
     upstream_order: int | None
@@ -96,6 +96,12 @@ class Order:
     remains: int | None
     created_at: float
     refunded: int = 0  # minor units given back by the ledger (the status sync's refunds, ...)
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        """Decoded when asked: `status` reads up to 100 orders and never needs them."""
+        params: dict[str, str] = json.loads(self.params_json)
+        return params
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +247,7 @@ def _order(row: sqlite3.Row) -> Order:
         link=row[5],
         quantity=row[6],
         charge=row[7],
-        params=json.loads(row[8]),
+        params_json=row[8],
         provider=row[9],
         upstream_service=row[10],
         upstream_order=row[11],

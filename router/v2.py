@@ -142,11 +142,11 @@ def format_money(amount: Decimal | int) -> str:
 
     An int is taken as MINOR units.
     """
-    value = from_minor(amount) if isinstance(amount, int) else from_minor(to_minor(amount))
-    text = f"{value:f}"
-    whole, _, frac = text.partition(".")
-    frac = frac.rstrip("0").ljust(2, "0")
-    return f"{whole}.{frac}"
+    minor = amount if isinstance(amount, int) else to_minor(amount)
+    # Integer arithmetic: `status` formats up to 100 of these per request.
+    whole, frac = divmod(abs(minor), MINOR_PER_UNIT)
+    sign = "-" if minor < 0 else ""
+    return f"{sign}{whole}.{f'{frac:0{MONEY_PLACES}d}'.rstrip('0').ljust(2, '0')}"
 
 
 def order_charge(rate: Decimal, quantity: int) -> int:
