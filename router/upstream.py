@@ -369,17 +369,38 @@ def _parse_service(item: object) -> UpstreamService | None:
     return UpstreamService(service, name, kind, category, rate, low, high, **flags)
 
 
-def parse_services(data: Any) -> list[UpstreamService]:
-    """The catalogue: malformed entries skipped; none valid is an error (never a partial one)."""
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """A provider's `services` answer as read."""
+
+    services: list[UpstreamService]  # the entries we could read
+    unreadable: frozenset[int]  # IDs of entries listed but not readable: there, not gone
+
+
+def parse_catalogue(data: Any) -> Catalogue:
+    """The catalogue: malformed entries skipped (their IDs kept when readable); none valid is an
+    error (never a partial one)."""
     items = list(data.values()) if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise _garbage("empty or malformed catalogue", data)
-    services = [service for item in items if (service := _parse_service(item)) is not None]
+    services: list[UpstreamService] = []
+    unreadable: set[int] = set()
+    for item in items:
+        service = _parse_service(item)
+        if service is not None:
+            services.append(service)
+        elif isinstance(item, dict) and (number := _int(item.get("service"), minimum=1)):
+            unreadable.add(number)
     if not services:
         raise OutcomeUnknown(f"none of the {len(items)} catalogue entries is valid")
     if len(services) < len(items):
         log.warning("upstream_services_skipped", skipped=len(items) - len(services))
-    return services
+    return Catalogue(services, frozenset(unreadable) - {s.service for s in services})
+
+
+def parse_services(data: Any) -> list[UpstreamService]:
+    """The readable entries of a catalogue (see parse_catalogue)."""
+    return parse_catalogue(data).services
 
 
 def _batch(ids: Sequence[int]) -> list[int]:
@@ -500,6 +521,10 @@ class UpstreamClient:
         """The provider's catalogue; OutcomeUnknown when empty or unparseable (and, like every
         action, UpstreamRefused for an error answer)."""
         return await self._call("services", {}, parse_services)
+
+    async def catalogue(self) -> Catalogue:
+        """`services`, with the IDs of the entries that could not be read."""
+        return await self._call("services", {}, parse_catalogue)
 
     async def _call(self, action: str, fields: Mapping[str, str], parse: Callable[[Any], T]) -> T:
         started, start = time.time(), time.perf_counter()

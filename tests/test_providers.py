@@ -302,6 +302,32 @@ async def test_a_gone_upstream_service_is_skipped_until_it_is_back(
         await first.stop()
 
 
+async def test_an_unreadable_entry_is_not_a_gone_service(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A routed service listed with a broken entry (rate "n/a") is still there: its route keeps
+    its last known terms and keeps taking orders."""
+    first = await start_catalogue_sim()
+    try:
+        router = await start_router({"first": first.url}, [service(1, [("first", 101)])])
+        key = await router.reseller()
+        await watcher(router).catalogues_once()  # the sim's own catalogue
+        (before,) = await router.store.route_catalogue()
+        entries = [
+            {**dataclasses.asdict(s), "rate": v2.format_money(s.rate)} for s in default_catalogue()
+        ]
+        entries[0]["rate"] = "n/a"  # service 101
+        first.answer_catalogue(json.dumps(entries))
+        await watcher(router).catalogues_once()
+
+        assert router.metric("smm_router_provider_routes_missing", provider="first") == 0
+        (after,) = await router.store.route_catalogue()
+        assert (after.present, after.rate, after.seen_at) == (True, 50000, before.seen_at)
+        assert await provider_of(router, await add(router, key)) == "first"
+    finally:
+        await first.stop()
+
+
 async def test_a_shrunken_catalogue_is_held_back_until_it_is_repeated(
     start_sim: SimFactory, start_router: RouterFactory
 ) -> None:

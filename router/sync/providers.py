@@ -244,16 +244,17 @@ class ProviderWatcher:
     async def _catalogue(self, name: str) -> None:
         fetched_at = self.wall()
         try:
-            entries = await self.clients[name].services()
+            catalogue = await self.clients[name].catalogue()
         except UpstreamError as exc:
             outcome = "refused" if exc.outcome is Outcome.NO_FUNDS else str(exc.outcome)
             self.metrics.catalogue_fetches.labels(provider=name, outcome=outcome).inc()
             log.warning("catalogue_unusable", provider=name, outcome=outcome, error=exc.message)
             return
         listed: dict[int, UpstreamService] = {}
-        for entry in entries:
+        for entry in catalogue.services:
             listed.setdefault(entry.service, entry)
-        ids = frozenset(listed)
+        # A listed entry we cannot read is still there: its route keeps its last known terms.
+        ids = frozenset(listed) | catalogue.unreadable
         last = self._sizes.get(name)
         if last and len(ids) < last * MIN_CATALOGUE_SHARE and self._held_back.get(name) != ids:
             self._held_back[name] = ids
@@ -262,7 +263,10 @@ class ProviderWatcher:
             return
         self._held_back.pop(name, None)
         routed = self._routed.get(name, frozenset())
-        listings = [_listing(name, service, listed.get(service)) for service in sorted(routed)]
+        listings = [
+            _listing(name, service, listed.get(service))
+            for service in sorted(routed - catalogue.unreadable)
+        ]
         try:
             await self.store.record_catalogue(name, fetched_at, len(ids), listings)
         except Exception:
