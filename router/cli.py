@@ -27,8 +27,9 @@ from router.api import hash_key
 from router.config import Config, ConfigError
 from router.metrics import Metrics
 from router.orders import OrderDesk, ResolveRefused, reseller_status
+from router.routing import ProviderState
 from router.store import Order, Store, StoreError
-from router.sync.providers import ProviderReport, check_online, provider_report
+from router.sync.providers import ProviderReport, ProviderWatcher, check_online, provider_report
 from router.upstream import CallRecord, UpstreamClient
 
 T = TypeVar("T")
@@ -434,7 +435,9 @@ async def order_report(store: Store, order_id: int) -> dict[str, Any]:
 async def operator_desk(config: Config, store: Store) -> AsyncIterator[OrderDesk]:
     """An order desk with the operator's own HTTP session, for resolving held orders.
 
-    Its upstream calls are recorded like the server's (they count in provider statistics).
+    It routes as the server does: providers benched for lack of funds and upstream services
+    gone from their catalogue, as stored, are skipped. Its upstream calls are recorded like the
+    server's (they count in provider statistics).
     """
     calls: list[CallRecord] = []
     async with aiohttp.ClientSession(headers={"User-Agent": "smm-router"}) as session:
@@ -443,8 +446,10 @@ async def operator_desk(config: Config, store: Store) -> AsyncIterator[OrderDesk
             for name, provider in config.providers.items()
         }
         metrics = Metrics(CollectorRegistry(), providers=config.providers)
+        states: dict[str, ProviderState] = {}
+        await ProviderWatcher(config, store, clients, states, metrics).restore()
         try:
-            yield OrderDesk(config, store, clients, metrics)
+            yield OrderDesk(config, store, clients, metrics, states=states)
         finally:
             await store.record_calls(calls)
 

@@ -311,6 +311,24 @@ async def test_reroute_fails_over_to_the_route_that_accepts(setup: Setup, cli: C
     assert await setup.router.store.count_calls("gamma", "add") == 1  # the CLI's calls recorded
 
 
+async def test_reroute_skips_a_provider_benched_for_lack_of_funds(setup: Setup, cli: Cli) -> None:
+    """Each `resolve` is a new process: it routes with the benches the database remembers."""
+    first = await setup.held_order()
+    second = await setup.held_order()
+    setup.sims["beta"].set_fault(101, Fault.NO_FUNDS)
+
+    for order_id in (first, second):
+        code, _, _ = await cli(setup.path, "orders", "resolve", str(order_id), "--reroute")
+        assert code == 0
+
+    assert setup.adds() == {"alpha": 2, "beta": 1, "gamma": 2}  # beta asked once, then skipped
+    second_attempts = await setup.router.store.attempts(second)
+    assert [(a.rank, a.provider, a.outcome) for a in second_attempts] == [
+        (0, "alpha", "ambiguous"),
+        (2, "gamma", "accepted"),
+    ]
+
+
 async def test_reroute_with_unknown_outcome_holds_it_again(setup: Setup, cli: Cli) -> None:
     setup.sims["beta"].set_fault(101, Fault.RESET)
     order_id = await setup.held_order()
