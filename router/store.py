@@ -769,21 +769,6 @@ class Store:
         )
         return {row[0]: Refill(*row) for row in rows}
 
-    async def set_refill_statuses(self, statuses: Mapping[int, str]) -> None:
-        if not statuses:
-            return
-        now = time.time()
-        async with self.transaction() as db:
-            await db.executemany(
-                "UPDATE refills SET status = ?, updated_at = ? WHERE id = ?",
-                [(status, now, refill_id) for refill_id, status in statuses.items()],
-            )
-
-    # --- Status sync --------------------------------------------------------------------------
-    # A status change, its history row and its refund are ONE transaction, applied only from the
-    # status the sync read (compare-and-set): a stale, repeated or racing pass changes nothing,
-    # and the ledger's UNIQUE (order_id, kind) refuses a second refund whatever the code does.
-
     async def orders_due(
         self,
         provider: str,

@@ -270,18 +270,10 @@ def _by_id(data: Any, ids: Sequence[int], *, field: str, single: str) -> dict[in
 
 
 def parse_statuses(
-    data: Any, ids: Sequence[int], quantities: Mapping[int, int], provider: str = ""
+    data: Any, ids: Sequence[int], quantities: Mapping[int, int]
 ) -> dict[int, UpstreamStatus | None]:
-    """The answer to a multi `status`, per asked ID; unknown status words are logged."""
-    items = _by_id(data, ids, field="order", single="status")
-    result = {i: parse_status_item(items.get(i), quantities.get(i)) for i in ids}
-    for i, found in result.items():
-        raw = items.get(i)
-        if found is None and isinstance(raw, dict) and _item_error(raw) is None:
-            log.warning(
-                "upstream_status_unknown", provider=provider, upstream_order=i, raw=_error_text(raw)
-            )
-    return result
+    """The answer to a multi `status`, per asked ID: None for each one to leave as it was."""
+    return {i: reading.status for i, reading in read_statuses(data, ids, quantities).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,12 +463,8 @@ class UpstreamClient:
         self, order_ids: Sequence[int], quantities: Mapping[int, int] | None = None
     ) -> dict[int, UpstreamStatus | None]:
         """Status of up to 100 orders (none: no call); None for each one to leave as it was."""
-        if not (ids := _batch(order_ids)):
-            return {}
-        fields = {"orders": _joined(ids)}
-        return await self._call(
-            "status", fields, lambda d: parse_statuses(d, ids, quantities or {}, self.name)
-        )
+        readings = await self.status_readings(order_ids, quantities)
+        return {i: reading.status for i, reading in readings.items()}
 
     async def status_readings(
         self, order_ids: Sequence[int], quantities: Mapping[int, int] | None = None
