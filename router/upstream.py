@@ -269,13 +269,6 @@ def _by_id(data: Any, ids: Sequence[int], *, field: str, single: str) -> dict[in
     return {item_id: data[str(item_id)] for item_id in ids if str(item_id) in data}
 
 
-def parse_statuses(
-    data: Any, ids: Sequence[int], quantities: Mapping[int, int]
-) -> dict[int, UpstreamStatus | None]:
-    """The answer to a multi `status`, per asked ID: None for each one to leave as it was."""
-    return {i: reading.status for i, reading in read_statuses(data, ids, quantities).items()}
-
-
 @dataclass(frozen=True, slots=True)
 class StatusReading:
     """One order's item in a multi `status` answer: its status, or the text we could not read."""
