@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
 import structlog
@@ -42,6 +43,7 @@ MAX_ERROR_TEXT: Final = 300
 MAX_UPSTREAM_INT: Final = 2**63 - 1  # fits an SQLite INTEGER
 MAX_MONEY: Final = Decimal(10) ** 12  # anything above is garbage (and costly to convert)
 _REDACTED: Final = "**********"
+_FORM_HEADERS: Final = {aiohttp.hdrs.CONTENT_TYPE: "application/x-www-form-urlencoded"}
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, HttpProcessingError, OSError)  # TimeoutError too
 
 T = TypeVar("T")
@@ -527,16 +529,19 @@ class UpstreamClient:
         """POST one action: (HTTP status, content type, body), or raise UpstreamUnreachable or
         OutcomeUnknown when no complete answer came back."""
         form = {**fields, "key": self._provider.key.value, "action": action}
+        # Encoded here: aiohttp's FormData machinery was a tenth of an `add`'s CPU time.
+        body = urlencode(form).encode()
         try:
             async with self._session.post(
                 self._provider.url,
-                data=form,
+                data=body,
+                headers=_FORM_HEADERS,
                 timeout=self._timeout,
                 allow_redirects=False,  # a redirected POST would be re-sent as a bare GET
                 raise_for_status=False,
             ) as response:
-                body = await _read_body(response)
-                return response.status, response.headers.get(aiohttp.hdrs.CONTENT_TYPE, ""), body
+                answer = await _read_body(response)
+                return response.status, response.headers.get(aiohttp.hdrs.CONTENT_TYPE, ""), answer
         except _TRANSPORT_ERRORS as exc:
             detail = str(exc) or f"no complete answer within {self._provider.timeout:g} s"
             unreachable = classify_exception(exc) is Outcome.UNREACHABLE
