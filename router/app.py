@@ -40,6 +40,7 @@ CONNECTIONS_PER_PROVIDER: Final = 100
 # default is 5 s): an `add` written to a connection the server just closed fails with a reset,
 # which is ambiguous and would hold the order.
 UPSTREAM_KEEPALIVE_SECONDS: Final = 4.0
+PLACING_SLACK_SECONDS: Final = 60.0  # beyond the longest upstream timeout (see placing_bound)
 
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -96,11 +97,22 @@ class CallLog:
 CALLS: Final = web.AppKey("calls", CallLog)
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[CONFIG].database)
-    held = await store.hold_interrupted_orders()
+def placing_bound(config: Config) -> float:
+    """Seconds after which an order still `placing` on one route was interrupted for sure:
+    longer than any upstream call may take."""
+    return max(p.timeout for p in config.providers.values()) + PLACING_SLACK_SECONDS
+
+
+async def hold_interrupted(store: Store, config: Config) -> None:
+    """Hold what a dead process left `placing` (see Store.hold_interrupted_orders)."""
+    held = await store.hold_interrupted_orders(stale_before=time.time() - placing_bound(config))
     if held:
         log.warning("interrupted_orders_held", count=held)
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = await Store.open(app[CONFIG].database)
+    await hold_interrupted(store, app[CONFIG])
     app[STORE] = store
     app[CALLS] = CallLog(store, app[METRICS])
     yield
@@ -140,6 +152,32 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[API] = V2Api(desk, app[METRICS])
     yield
     await session.close()
+
+
+def _placing_sweep_ctx(
+    background: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Now and then, hold what another process (a CLI re-route, an older router) left
+    `placing` when it died: start-up alone would leave those orders Pending until the next one."""
+
+    async def sweep(app: web.Application) -> None:
+        config, store = app[CONFIG], app[STORE]
+        while True:
+            await asyncio.sleep(placing_bound(config))
+            try:
+                await hold_interrupted(store, config)
+            except Exception:
+                log.exception("placing_sweep_failed")
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweep(app), name="placing-sweep") if background else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
 
 
 def _order_sync_ctx(
@@ -200,6 +238,7 @@ def create_app(
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_placing_sweep_ctx(background))
     app.cleanup_ctx.append(_order_sync_ctx(background))
     app.cleanup_ctx.append(_provider_watch_ctx(background))
     for path in ("/api/v2", "/api/v1"):

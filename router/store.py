@@ -23,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
@@ -258,6 +261,37 @@ def _order(row: sqlite3.Row) -> Order:
     )
 
 
+_INCARNATION: Final = secrets.token_hex(4)  # tells this process from an earlier one with its PID
+
+
+def process_owner() -> str:
+    """This process, as the `placing_by` of the orders it places: "host:pid:incarnation"."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that wrote `placing_by` may still be placing the order.
+
+    Known only on this host: another host's process counts as alive (the staleness bound in
+    `hold_interrupted_orders` settles it); an order from before owners were recorded does not.
+    A restarted container often gets its old PID (and host name) back: the incarnation tells.
+    """
+    host, pid_text, incarnation = [*(owner or "").split(":"), "", "", ""][:3]
+    if not owner or not pid_text.isdecimal():
+        return False
+    if host != socket.gethostname():
+        return True
+    if int(pid_text) == os.getpid():
+        return incarnation == _INCARNATION
+    try:
+        os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 async def _to_the_end(call: Awaitable[T]) -> T:
     """Await a database call to its end even if cancelled meanwhile, then let the cancel go on.
 
@@ -309,6 +343,7 @@ class Store:
         self._statements = statements  # single autocommit statements, no lock
         self._reader = reader
         self._write_lock = asyncio.Lock()
+        self.owner = process_owner()  # written on the orders this process is placing
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -473,8 +508,8 @@ class Store:
             async with self._write() as db:  # one statement: one hop to the database thread
                 rows = await db.execute_fetchall(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
-                    "params, provider, upstream_service, created_at, updated_at) "
-                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
+                    "params, provider, upstream_service, created_at, updated_at, placing_by) "
+                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
                     "WHERE id = ? AND enabled = 1 AND balance >= ? RETURNING id",
                     (
                         order.service,
@@ -486,6 +521,7 @@ class Store:
                         order.upstream_service,
                         now,
                         now,
+                        self.owner,
                         order.reseller_id,
                         order.charge,
                     ),
@@ -558,14 +594,33 @@ class Store:
             if event is not None and settled:
                 await self._insert_resolve_event(db, order_id, now, event)
 
-    async def hold_interrupted_orders(self) -> int:
-        """Orders left `placing` by a process that died mid-call become `held` (at start-up)."""
-        async with self._write() as db:
-            cursor = await db.execute(
-                "UPDATE orders SET state = 'held', updated_at = ? WHERE state = 'placing'",
-                (time.time(),),
+    async def hold_interrupted_orders(self, *, stale_before: float) -> int:
+        """Orders whose placement was interrupted become `held`; how many.
+
+        Interrupted: the process placing it is gone (killed mid-call), or it has been placing
+        since before `stale_before` (unix time; longer than any upstream call may take: its
+        process is hung, or on another host). A process still running on this database (an
+        older router during a rolling restart, the CLI re-routing) finishes its own orders.
+        """
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, placing_by FROM orders WHERE state = 'placing'"
+        )
+        now = time.time()
+        orphaned = [(now, row[0]) for row in rows if not owner_alive(row[1])]
+        async with self.transaction() as db:
+            cursor = await db.executemany(
+                "UPDATE orders SET state = 'held', updated_at = ? "
+                "WHERE id = ? AND state = 'placing'",
+                orphaned,
             )
-        return cursor.rowcount
+            held = max(cursor.rowcount, 0)
+            cursor = await db.execute(
+                "UPDATE orders SET state = 'held', updated_at = ? "
+                "WHERE state = 'placing' AND updated_at < ?",
+                (now, stale_before),
+            )
+            held += cursor.rowcount
+        return held
 
     async def order(self, order_id: int) -> Order | None:
         rows = await self._reader.execute_fetchall(
@@ -699,8 +754,8 @@ class Store:
         async with self.transaction() as db:
             cursor = await db.execute(
                 "UPDATE orders SET state = 'placing', provider = ?, upstream_service = ?, "
-                "updated_at = ? WHERE id = ? AND state = 'held'",
-                (provider, upstream_service, now, order_id),
+                "updated_at = ?, placing_by = ? WHERE id = ? AND state = 'held'",
+                (provider, upstream_service, now, self.owner, order_id),
             )
             if cursor.rowcount != 1:
                 return False

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from router import v2
 from router.sim import Fault
-from tests.conftest import RouterFactory, SimFactory, free_port, service
+from tests.conftest import RouterFactory, SimFactory, free_port, service, wait_for
 
 
 async def _two_providers(
@@ -141,3 +143,26 @@ async def test_every_route_refused_refunds(
     assert kinds == ["topup", "charge", "refund"]
     counts = await router.store.count_orders(reseller.id)
     assert counts == {"failed": 1}
+
+
+async def test_a_second_router_on_the_database_leaves_in_flight_orders_alone(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A rolling restart: the new router starts while the old one is still placing an order.
+    It must not hold it; the old one finishes it."""
+    slow = await start_sim(slow_seconds=0.5)
+    slow.set_fault(101, Fault.SLOW)
+    old = await start_router({"alpha": slow.url}, [service(1, [("alpha", 101)])])
+    key = await old.reseller("acme", "10")
+    adding = asyncio.create_task(
+        old.call(key=key, action="add", service=1, link="x", quantity=1000)
+    )
+    await wait_for(lambda: slow.received_actions("add"), "the add to reach the provider")
+
+    new = await start_router({"alpha": slow.url}, [service(1, [("alpha", 101)])])
+    assert new.config.database == old.config.database
+    assert await new.store.count_held() == 0
+
+    answer = await adding
+    order = await new.store.order(answer["order"])
+    assert order is not None and order.state == "placed"

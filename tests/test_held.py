@@ -31,7 +31,7 @@ from router.app import create_app
 from router.cli import build_parser, main, operator_desk
 from router.sim import Fault, SimProvider
 from router.store import Store
-from tests.conftest import SIM_KEY, Router, SimFactory, free_port
+from tests.conftest import SIM_KEY, Router, SimFactory, free_port, wait_for
 
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: {port}}}
@@ -94,15 +94,6 @@ def write_config(
         )
     )
     return path
-
-
-async def until(check: Callable[[], object], what: str) -> None:
-    """Poll `check` until it is true; fail after WAIT_LIMIT seconds (a deadline, not a timing)."""
-    deadline = time.monotonic() + WAIT_LIMIT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -251,7 +242,7 @@ async def test_attach_places_the_order_found_upstream(
     setup = await start_setup(aiohttp_client, tmp_path, {"alpha": alpha}, {"alpha": 0.3})
     router, path = setup.router, setup.path
     order_id = await setup.held_order()
-    await until(lambda: alpha.orders, "the slow simulator to create the order")
+    await wait_for(lambda: alpha.orders, "the slow simulator to create the order")
     [upstream_order] = alpha.orders
 
     code, out, _ = await cli(
@@ -373,7 +364,7 @@ async def test_reroute_interrupted_holds_it_on_the_route_being_tried(
             await desk.reroute(order_id, by="ops")
 
     task = asyncio.create_task(reroute())
-    await until(lambda: sims["beta"].received_actions("add"), "the re-route to reach beta")
+    await wait_for(lambda: sims["beta"].received_actions("add"), "the re-route to reach beta")
     task.cancel()  # what Ctrl-C does to the command
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -507,7 +498,7 @@ async def test_sigkill_during_add_restarts_with_the_order_held(
         async with router_process(path, tmp_path / "first.log") as process:
             await wait_ready(http, base, process, tmp_path / "first.log")
             request = asyncio.create_task(http.post(f"{base}/api/v2", data=add))
-            await until(lambda: alpha.received_actions("add"), "the add to reach the provider")
+            await wait_for(lambda: alpha.received_actions("add"), "the add to reach the provider")
             process.send_signal(signal.SIGKILL)
             assert await process.wait() == -signal.SIGKILL
             with pytest.raises(aiohttp.ClientError):

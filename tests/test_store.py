@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -91,7 +94,8 @@ async def test_settling_an_order_held_meanwhile_keeps_its_attempts(store: Store)
     """A restart held the order while its add was in flight: the accepted attempt, the only
     trace of the upstream order, is recorded; the order stays held for the operator."""
     reseller_id, order_id = await _placing(store)
-    assert await store.hold_interrupted_orders() == 1
+    await _placed_by(store, order_id, _dead_owner())
+    assert await store.hold_interrupted_orders(stale_before=0) == 1
     accepted = _attempt(0, "a", "accepted", upstream_order=4242)
     await store.settle_order(
         order_id, state="placed", attempts=[accepted], provider="a", upstream_order=4242
@@ -100,3 +104,55 @@ async def test_settling_an_order_held_meanwhile_keeps_its_attempts(store: Store)
     assert order is not None and order.state == "held" and order.upstream_order is None
     assert await store.attempts(order_id) == [accepted]
     assert await store.ledger_sum(reseller_id) == 700
+
+
+def _dead_owner() -> str:
+    """The owner token of a process of this host that has ended."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: its PID names no process now
+    return f"{socket.gethostname()}:{ended.pid}:0123abcd"
+
+
+async def _placed_by(store: Store, order_id: int, owner: str | None) -> None:
+    async with store.transaction() as db:
+        await db.execute("UPDATE orders SET placing_by = ? WHERE id = ?", (owner, order_id))
+
+
+async def test_start_up_holds_only_what_no_live_process_is_placing(store: Store) -> None:
+    reseller = await store.create_reseller("acme", "hash", 10_000)
+    owners = {
+        "this process": store.owner,
+        "a live process": f"{socket.gethostname()}:{os.getppid()}:feedface",
+        "another host": "elsewhere.example:4242:00000000",
+        "a dead process": _dead_owner(),
+        "this PID, an earlier incarnation": f"{socket.gethostname()}:{os.getpid()}:00000000",
+        "before owners were recorded": None,
+    }
+    orders: dict[str, int] = {}
+    for name, owner in owners.items():
+        order_id = await store.reserve_order(
+            NewOrder(reseller.id, 1, "https://x.example/p", 100, 100, {}, "a", 7)
+        )
+        assert order_id is not None
+        await _placed_by(store, order_id, owner)
+        orders[name] = order_id
+
+    assert await store.hold_interrupted_orders(stale_before=0) == 3
+
+    async def state(name: str) -> str:
+        order = await store.order(orders[name])
+        assert order is not None
+        return order.state
+
+    assert {name: await state(name) for name in orders} == {
+        "this process": "placing",
+        "a live process": "placing",
+        "another host": "placing",
+        "a dead process": "held",
+        "this PID, an earlier incarnation": "held",
+        "before owners were recorded": "held",
+    }
+    # Placing for longer than any upstream call may take: held whoever placed it.
+    assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 3
+    assert {await state(name) for name in orders} == {"held"}
+    assert await store.ledger_sum(reseller.id) == 10_000 - 6 * 100  # funds stay reserved

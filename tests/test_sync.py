@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +19,7 @@ from router.config import Sync
 from router.sim import SimProvider
 from router.store import NewOrder
 from router.sync.orders import OrderSync, refund_for
-from tests.conftest import Router, RouterFactory, SimFactory, service
+from tests.conftest import Router, RouterFactory, SimFactory, service, wait_for
 
 STEP = 60.0  # seconds each deterministic round moves the sync's clock
 
@@ -62,19 +61,6 @@ async def balances_match(router: Router, name: str = "acme") -> int:
 
 async def refunds_of(router: Router, order_id: int) -> list[int]:
     return [e.amount for e in await router.store.order_ledger(order_id) if e.kind == "refund"]
-
-
-async def wait_for(check: Callable[[], Any], what: str, within: float = 15.0) -> None:
-    """Poll `check` (sync or async) until it is true; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def test_refund_rule() -> None:
