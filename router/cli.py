@@ -567,6 +567,32 @@ def cmd_orders_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_orders_refund(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    amount = parse_amount(args.amount)
+    by = args.by or _operator()
+
+    async def refund(store: Store) -> dict[str, Any]:
+        async with operator_desk(config, store) as desk:
+            order = await desk.refund_order(args.id, amount, by=by, note=args.note)
+        document = _order_json(order, await store.reseller_name(order.reseller_id))
+        document["refunded"] = v2.format_money(order.refunded)
+        return document
+
+    try:
+        document = asyncio.run(with_store(config, refund))
+    except ResolveRefused as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(document))
+    else:
+        print(
+            f"order {document['id']}: {document['refunded']} of {document['charge']} refunded "
+            f"to {document['reseller']}"
+        )
+    return 0
+
+
 # --- sim, demo -----------------------------------------------------------------------------------
 
 
@@ -657,6 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--reroute", action="store_true", help="place it now on the next routes")
     how.add_argument("--refund", action="store_true", help="cancel it and refund its charge")
     resolve.add_argument("--by", help="who resolves it, for its history (default: the OS user)")
+    refund = command(
+        order_commands,
+        "refund",
+        cmd_orders_refund,
+        "refund part or all of an order that ended upstream (a package ended Partial, ...)",
+    )
+    refund.add_argument("id", type=int, metavar="ID")
+    refund.add_argument("amount", help="what to give back, e.g. 1.25")
+    refund.add_argument("--note", default="refund by the operator", help="the ledger row's note")
+    refund.add_argument("--by", help="who refunds it, for its history (default: the OS user)")
 
     sim_parser = commands.add_parser(
         "sim", help="run one simulated upstream provider", description="A simulated v2 provider."

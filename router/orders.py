@@ -318,6 +318,36 @@ class OrderDesk:
             raise await self._not_held(order_id)
         return await self._reread(order_id)
 
+    async def refund_order(self, order_id: int, amount: int, *, by: str, note: str) -> Order:
+        """Give back `amount` of an order that has ended upstream and was never refunded.
+
+        For what the status sync does not decide: a package that ended Partial (its remains
+        count units of a size we do not know), a goodwill gesture. The order's status stays;
+        its reseller's `status` shows the charge less the refund.
+        """
+        order = await self.store.order(order_id)
+        if order is None:
+            raise ResolveRefused(f"no order {order_id}")
+        if order.state != "placed" or order.status not in v2.FINAL_STATUSES:
+            raise ResolveRefused(
+                f"order {order_id} is {order.state}, {order.status}: only an order that has "
+                "ended upstream (Completed, Partial, Canceled) can be refunded this way"
+            )
+        if order.refunded:
+            raise ResolveRefused(
+                f"order {order_id} was already refunded {v2.format_money(order.refunded)}"
+            )
+        if not 0 < amount <= order.charge:
+            raise ResolveRefused(
+                f"order {order_id}: a refund must be more than 0 and at most its charge, "
+                f"{v2.format_money(order.charge)}"
+            )
+        refunded = v2.format_money(amount)
+        detail = f"refund by {by}: {refunded} of {v2.format_money(order.charge)} ({note})"
+        if not await self.store.refund_ended_order(order_id, amount, note, detail):
+            raise ResolveRefused(f"order {order_id} changed meanwhile: nothing refunded")
+        return await self._reread(order_id)
+
     async def reroute(self, order_id: int, *, by: str) -> Order:
         """Place a held order on the routes after the one it was held on, as `add` would.
 

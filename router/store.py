@@ -725,6 +725,24 @@ class Store:
         )
         return int(rows[0][0]) if rows else None  # type: ignore[index]
 
+    async def refund_ended_order(self, order_id: int, amount: int, note: str, event: str) -> bool:
+        """The operator's refund of `amount` for an order that has ended upstream and was not
+        refunded yet (a package that ended Partial, a goodwill gesture): the order's one refund
+        row, so no later refund can pay twice. False (nothing changed) otherwise."""
+        now = time.time()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
+                "SELECT reseller_id, id, 'refund', ?1, ?2, ?3 FROM orders WHERE id = ?4 "
+                "AND state = 'placed' AND status IN ('Completed', 'Partial', 'Canceled') "
+                "AND refunded = 0 AND ?1 > 0 AND ?1 <= charge ON CONFLICT DO NOTHING",
+                (amount, note, now, order_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await self._insert_resolve_event(db, order_id, now, event)
+        return True
+
     async def refund_held(self, order_id: int, event: str) -> bool:
         """Held -> canceled: status Canceled, nothing delivered, the charge refunded in full.
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from router import config as config_module
 from router import v2
 from router.api import hash_key
-from router.app import create_app
+from router.app import ORDER_SYNC, create_app
 from router.cli import build_parser, main, operator_desk
 from router.sim import Fault, SimProvider
 from router.store import Store
@@ -539,3 +539,39 @@ async def test_sigkill_during_add_restarts_with_the_order_held(
                 assert len(alpha.received_actions("add")) == 1  # nothing re-sent on restart
         finally:
             await store.close()
+
+
+async def test_refund_of_an_order_that_ended_upstream(
+    start_sim: SimFactory, aiohttp_client: AppClient, tmp_path: Path, cli: Cli
+) -> None:
+    """`orders refund`: part of an ended order given back once, shown in the reseller's
+    `status`; an order still running, a second refund or too much are refused."""
+    sim = await start_sim(partial_every=0)
+    setup = await start_setup(aiohttp_client, tmp_path, {"beta": sim})
+    answer = await setup.router.call(
+        key=setup.key, action="add", service=1, link="x", quantity=1000
+    )
+    order_id = answer["order"]
+    refund = ("orders", "refund", str(order_id))
+
+    code, _, err = await cli(setup.path, *refund, "0.40")
+    assert code == 1 and "ended upstream" in err  # still Pending
+
+    sim.advance(sim.progress_seconds)
+    await setup.router.app[ORDER_SYNC].run_once()
+    assert (await setup.status(order_id))["status"] == "Completed"
+    code, _, err = await cli(setup.path, *refund, "1.01")
+    assert code == 1 and "at most its charge, 1.00" in err
+
+    code, out, _ = await cli(setup.path, *refund, "0.40", "--by", "ops", "--json")
+    assert code == 0 and json.loads(out)["refunded"] == "0.40"
+    status = await setup.status(order_id)
+    assert (status["status"], status["charge"]) == ("Completed", "0.60")
+    await setup.assert_balance("9.40")
+    history = await setup.router.store.order_history(order_id)
+    assert history[-1].kind == "resolve"
+    assert history[-1].detail == "refund by ops: 0.40 of 1.00 (refund by the operator)"
+
+    code, _, err = await cli(setup.path, *refund, "0.10")
+    assert code == 1 and "already refunded 0.40" in err
+    await setup.assert_balance("9.40")

@@ -37,7 +37,10 @@ log = structlog.get_logger("router.sync.orders")
 PAGE: Final = v2.MAX_IDS_PER_REQUEST  # due orders (or open refills) per upstream call
 MISSING: Final = "missing from the answer"
 PARTIAL_WITHOUT_REMAINS: Final = "Partial without a number of remains"
-FLAT_PARTIAL: Final = "none: a flat-priced order (package) ended Partial; the operator decides"
+FLAT_PARTIAL: Final = (
+    "none: a flat-priced order (package) ended Partial; the operator decides "
+    "(smm-router orders refund)"
+)
 
 
 def refund_for(status: str, charge: int, quantity: int, remains: int) -> int:
