@@ -528,25 +528,36 @@ def cmd_orders_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def operator_action(config: Config, act: Callable[[OrderDesk], Awaitable[Order]]) -> dict[str, Any]:
+    """Run one operator action on an order with the operator's desk: the order as JSON after it
+    (with what it was refunded); a refused action is a CommandError."""
+
+    async def run(store: Store) -> dict[str, Any]:
+        async with operator_desk(config, store) as desk:
+            order = await act(desk)
+        document = _order_json(order, await store.reseller_name(order.reseller_id))
+        document["refunded"] = v2.format_money(order.refunded)
+        return document
+
+    try:
+        return asyncio.run(with_store(config, run))
+    except ResolveRefused as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def cmd_orders_resolve(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.configure()  # a re-route logs as `add` does, on stderr: stdout stays the answer
     by = args.by or _operator()
 
-    async def resolve(store: Store) -> dict[str, Any]:
-        async with operator_desk(config, store) as desk:
-            if args.upstream_order is not None:
-                order = await desk.attach(args.id, args.upstream_order, by=by)
-            elif args.reroute:
-                order = await desk.reroute(args.id, by=by)
-            else:
-                order = await desk.refund_held(args.id, by=by)
-        return _order_json(order, await store.reseller_name(order.reseller_id))
+    async def resolve(desk: OrderDesk) -> Order:
+        if args.upstream_order is not None:
+            return await desk.attach(args.id, args.upstream_order, by=by)
+        if args.reroute:
+            return await desk.reroute(args.id, by=by)
+        return await desk.refund_held(args.id, by=by)
 
-    try:
-        document = asyncio.run(with_store(config, resolve))
-    except ResolveRefused as exc:
-        raise CommandError(str(exc)) from exc
+    document = operator_action(config, resolve)
     if args.json:
         print(json.dumps(document))
     elif document["state"] == "placed":
@@ -572,17 +583,10 @@ def cmd_orders_refund(args: argparse.Namespace) -> int:
     amount = parse_amount(args.amount)
     by = args.by or _operator()
 
-    async def refund(store: Store) -> dict[str, Any]:
-        async with operator_desk(config, store) as desk:
-            order = await desk.refund_order(args.id, amount, by=by, note=args.note)
-        document = _order_json(order, await store.reseller_name(order.reseller_id))
-        document["refunded"] = v2.format_money(order.refunded)
-        return document
+    async def refund(desk: OrderDesk) -> Order:
+        return await desk.refund_order(args.id, amount, by=by, note=args.note)
 
-    try:
-        document = asyncio.run(with_store(config, refund))
-    except ResolveRefused as exc:
-        raise CommandError(str(exc)) from exc
+    document = operator_action(config, refund)
     if args.json:
         print(json.dumps(document))
     else:
