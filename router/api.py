@@ -26,6 +26,7 @@ from router.store import Order, Reseller
 log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -87,7 +88,7 @@ async def read_params(request: web.Request) -> dict[str, str]:
     _, _, query = request.raw_path.partition("?")
     params = dict(_form_pairs(query))
     if request.method != "POST" or not request.body_exists:
-        return params
+        return _with_idempotency_key(params, request)
     try:
         if request.content_type == "multipart/form-data":
             form = await request.post()
@@ -109,6 +110,20 @@ async def read_params(request: web.Request) -> dict[str, str]:
         raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
     except (ValueError, UnicodeDecodeError) as exc:  # a broken multipart body
         raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+    return _with_idempotency_key(params, request)
+
+
+def _with_idempotency_key(params: dict[str, str], request: web.Request) -> dict[str, str]:
+    """An `add`'s `Idempotency-Key` header as its `request_id`. Both sent and different (or
+    two different headers): `Incorrect request`, since either guess could place an order
+    twice or answer one that was never asked for."""
+    keys = set(request.headers.getall(IDEMPOTENCY_KEY, [])) - {""}
+    if not keys or params.get("action") != "add":
+        return params
+    sent = params.get("request_id")
+    if len(keys) > 1 or (sent and sent not in keys):
+        raise v2.V2Error(v2.INCORRECT_REQUEST)
+    params["request_id"] = keys.pop()
     return params
 
 

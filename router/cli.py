@@ -391,6 +391,7 @@ def _order_json(order: Order, reseller: str | None) -> dict[str, Any]:
         "start_count": order.start_count,
         "remains": order.remains,
         "created_at": _when(order.created_at),
+        "request_id": order.request_id,  # the reseller's own ID for its `add`, or None
     }
 
 
@@ -510,6 +511,7 @@ def cmd_orders_show(args: argparse.Namespace) -> int:
         ("upstream", f"service {o['upstream_service']}, order {o['upstream_order'] or '-'}"),
         ("remains", "-" if o["remains"] is None else o["remains"]),
         ("created", o["created_at"]),
+        ("request", o["request_id"] or "-"),
     ):
         print(f"  {label:<9} {value}")
     attempt_columns = ["rank", "provider", "upstream_service", "started_at", "latency"]

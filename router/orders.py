@@ -22,7 +22,7 @@ from router import routing, v2
 from router.config import Config, Route, Service
 from router.metrics import Metrics
 from router.routing import ProviderState
-from router.store import Attempt, NewOrder, Order, Reseller, Store
+from router.store import Attempt, DuplicateRequest, NewOrder, Order, Reseller, Store
 from router.upstream import Outcome, UpstreamClient, UpstreamError, UpstreamRefused
 
 log = structlog.get_logger("router.orders")
@@ -152,25 +152,46 @@ class OrderDesk:
     # --- add ----------------------------------------------------------------------------------
 
     async def add(self, reseller: Reseller, params: Mapping[str, str]) -> int:
-        """Place an order and return its local ID; raise V2Error when it is refused."""
-        request = validate_add(self.service(params.get("service")), params)
+        """Place an order and return its local ID; raise V2Error when it is refused.
+
+        A `request_id` the reseller already used answers its first order (see `_repeat`) and
+        places nothing.
+        """
+        request_id = v2.check_request_id(params.get("request_id"))
+        if request_id is not None:
+            structlog.contextvars.bind_contextvars(reseller_request_id=request_id)
+        try:
+            request = validate_add(self.service(params.get("service")), params)
+            routes = routing.plan(request.service, self.states, now=self.clock())
+            if not routes:
+                raise v2.V2Error(v2.UNAVAILABLE)
+        except v2.V2Error:
+            # A repeat must not be told of an error its first order never had (the config or
+            # the providers changed since): the panel would take a placed order for refused.
+            # Looked up only here: on the usual path the reserving INSERT does it.
+            if request_id is not None:
+                first = await self.store.order_by_request_id(reseller.id, request_id)
+                if first is not None:
+                    return self._repeat(first)
+            raise
         service = request.service
-        routes = routing.plan(service, self.states, now=self.clock())
-        if not routes:
-            raise v2.V2Error(v2.UNAVAILABLE)
-        first = routes[0][1]
-        order_id = await self.store.reserve_order(
-            NewOrder(
-                reseller_id=reseller.id,
-                service=service.id,
-                link=request.link,
-                quantity=request.quantity,
-                charge=request.charge,
-                params=request.upstream_params,
-                provider=first.provider,
-                upstream_service=first.service,
+        first_route = routes[0][1]
+        try:
+            order_id = await self.store.reserve_order(
+                NewOrder(
+                    reseller_id=reseller.id,
+                    service=service.id,
+                    link=request.link,
+                    quantity=request.quantity,
+                    charge=request.charge,
+                    params=request.upstream_params,
+                    provider=first_route.provider,
+                    upstream_service=first_route.service,
+                    request_id=request_id,
+                )
             )
-        )
+        except DuplicateRequest as repeat:
+            return self._repeat(repeat.first)
         if order_id is None:
             raise v2.V2Error(v2.NOT_ENOUGH_FUNDS)
         structlog.contextvars.bind_contextvars(order_id=order_id)
@@ -190,6 +211,16 @@ class OrderDesk:
             return await asyncio.shield(place())
         finally:
             structlog.contextvars.bind_contextvars(**bound)
+
+    @staticmethod
+    def _repeat(first: Order) -> int:
+        """The answer to an `add` repeating `first`'s request ID: `first`'s ID, at once, even
+        while it is still being placed; `failed` (no route took it, refunded) answers the
+        error its reseller got then, never an ID it was never told of."""
+        structlog.contextvars.bind_contextvars(order_id=first.id, repeated_request=True)
+        if first.state == "failed":
+            raise v2.V2Error(v2.UNAVAILABLE)
+        return first.id
 
     async def _place(
         self,

@@ -215,6 +215,7 @@ class SimProvider:
         self._rng = random.Random(seed)
         self._faults: dict[int | None, Fault] = {}
         self._stalled: set[str] = set()
+        self._paused: dict[str, asyncio.Event] = {}
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
         self._catalogue = [
             {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
@@ -271,6 +272,17 @@ class SimProvider:
         else:
             self._stalled.discard(action)
 
+    def pause(self, action: str) -> None:
+        """Keep every `action` request waiting (received, not yet answered) until
+        `resume(action)`, then answer it as usual: a provider as slow as a test needs."""
+        self._paused.setdefault(action, asyncio.Event())
+
+    def resume(self, action: str) -> None:
+        """Answer the `action` requests that `pause` kept waiting, and answer new ones at once."""
+        gate = self._paused.pop(action, None)
+        if gate is not None:
+            gate.set()
+
     def create_orders(
         self, service: int, count: int, *, quantity: int = 1000, link: str = "https://x.test/a"
     ) -> list[int]:
@@ -314,6 +326,9 @@ class SimProvider:
         if self._runner is None:
             return
         self._stopping.set()  # slow answers in flight end as a reset
+        for gate in self._paused.values():
+            gate.set()  # and so do paused ones (a restart answers at once)
+        self._paused.clear()
         runner, self._runner = self._runner, None
         await runner.cleanup()
         # Let clients on this loop see their pooled connections closed, so that "down" means
@@ -331,6 +346,11 @@ class SimProvider:
         if action in self._stalled:
             await self._stopping.wait()
             return _reset(request)
+        if (gate := self._paused.get(action)) is not None:
+            await gate.wait()
+            if self._stopping.is_set():
+                return _reset(request)
+            now = self.now()
         try:
             if not hmac.compare_digest(key.encode(), self.key.encode()):
                 raise V2Error(v2.INVALID_KEY)

@@ -45,10 +45,19 @@ T = TypeVar("T")
 
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
 BUSY_TIMEOUT_MS: Final = 10_000
+_BALANCE_CHECK: Final = "CHECK constraint failed: balance"  # resellers.balance >= 0 (0001)
 
 
 class StoreError(Exception):
     """A domain rule the database refused (unknown reseller, balance below zero, ...)."""
+
+
+class DuplicateRequest(StoreError):
+    """The reseller already made an order with this request ID: `first` is that order."""
+
+    def __init__(self, first: Order) -> None:
+        super().__init__(f"request ID already used by order {first.id}")
+        self.first = first
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,7 @@ class NewOrder:
     params: Mapping[str, str]
     provider: str  # the first route to try, recorded before the call so a crash leaves a trace
     upstream_service: int
+    request_id: str | None = None  # the reseller's own ID for this `add` (v2.check_request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,7 @@ class Order:
     remains: int | None
     created_at: float
     refunded: int = 0  # minor units given back by the ledger (the status sync's refunds, ...)
+    request_id: str | None = None  # the reseller's own ID for the `add` that made it
 
     @property
     def params(self) -> Mapping[str, str]:
@@ -236,7 +247,7 @@ class OrderSyncState:
 
 _ORDER_COLUMNS: Final = (
     "id, reseller_id, service, state, status, link, quantity, charge, params, provider, "
-    "upstream_service, upstream_order, start_count, remains, created_at, refunded"
+    "upstream_service, upstream_order, start_count, remains, created_at, refunded, request_id"
 )
 
 
@@ -258,6 +269,7 @@ def _order(row: sqlite3.Row) -> Order:
         remains=row[13],
         created_at=row[14],
         refunded=row[15],
+        request_id=row[16],
     )
 
 
@@ -501,16 +513,22 @@ class Store:
     async def reserve_order(self, order: NewOrder) -> int | None:
         """Create the order in state `placing` and debit its charge, in ONE statement.
 
-        None when the reseller's balance does not cover the charge (or it was disabled).
+        None when the reseller's balance does not cover the charge (or it was disabled). Raise
+        DuplicateRequest when the reseller already made an order with `order.request_id` (the
+        UNIQUE index decides, also between two that arrive at once), StoreError when the
+        database refuses the order for any other reason (a bug, not the reseller's funds).
         """
         now = time.time()
         try:
             async with self._write() as db:  # one statement: one hop to the database thread
                 rows = await db.execute_fetchall(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
-                    "params, provider, upstream_service, created_at, updated_at, placing_by) "
-                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
-                    "WHERE id = ? AND enabled = 1 AND balance >= ? RETURNING id",
+                    "params, provider, upstream_service, created_at, updated_at, placing_by, "
+                    "request_id) "
+                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
+                    "WHERE id = ? AND enabled = 1 AND balance >= ? "
+                    "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
+                    "DO NOTHING RETURNING id",
                     (
                         order.service,
                         order.link,
@@ -522,13 +540,31 @@ class Store:
                         now,
                         now,
                         self.owner,
+                        order.request_id,
                         order.reseller_id,
                         order.charge,
                     ),
                 )
-        except sqlite3.IntegrityError:
-            return None  # the balance CHECK: a backstop, the WHERE clause already decides
-        return int(next(iter(rows))[0]) if rows else None
+        except sqlite3.IntegrityError as exc:
+            if _BALANCE_CHECK in str(exc):
+                return None  # a backstop: the WHERE clause already decides
+            raise StoreError(f"order refused by the database: {exc}") from exc
+        if rows:
+            return int(next(iter(rows))[0])
+        if order.request_id is not None:  # skipped as a repeat, or short of funds
+            first = await self.order_by_request_id(order.reseller_id, order.request_id)
+            if first is not None:
+                raise DuplicateRequest(first)
+        return None
+
+    async def order_by_request_id(self, reseller_id: int, request_id: str) -> Order | None:
+        """The reseller's order made with `request_id`, whatever its state."""
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_ORDER_COLUMNS} FROM orders INDEXED BY orders_by_request_id "
+            "WHERE reseller_id = ? AND request_id = ?",
+            (reseller_id, request_id),
+        )
+        return _order(rows[0]) if rows else None  # type: ignore[index]
 
     async def note_route(self, order_id: int, provider: str, upstream_service: int) -> None:
         """Record the route about to be tried, before the call (a crash then leaves a trace)."""

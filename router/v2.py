@@ -265,6 +265,24 @@ def non_empty_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+MAX_REQUEST_ID_LENGTH: Final = 64
+_REQUEST_ID: Final = re.compile(rf"[!-~]{{1,{MAX_REQUEST_ID_LENGTH}}}")  # 0x21-0x7E
+
+
+def check_request_id(raw: str | None) -> str | None:
+    """A reseller's request ID (`request_id`, `Idempotency-Key`) as sent, None when it sent
+    none (an empty value is none), or raise V2Error(INCORRECT_REQUEST).
+
+    Up to 64 printable ASCII characters, no spaces: not trimmed, so that two IDs are the same
+    exactly when they are equal.
+    """
+    if not raw:
+        return None
+    if _REQUEST_ID.fullmatch(raw) is None:
+        raise V2Error(INCORRECT_REQUEST)
+    return raw
+
+
 # --- Service types -------------------------------------------------------------------------------
 
 

@@ -412,6 +412,35 @@ async def test_down_and_back(http: aiohttp.ClientSession, sim: SimProvider) -> N
     assert await add(http, sim) == {"order": 1001}
 
 
+async def test_pause_then_resume(http: aiohttp.ClientSession, sim: SimProvider) -> None:
+    """A paused action is received, waits, and is answered as usual once resumed."""
+    sim.pause("add")
+    waiting = asyncio.create_task(add(http, sim))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not sim.received_actions("add"):
+        assert asyncio.get_running_loop().time() < deadline, "the add never arrived"
+        await asyncio.sleep(0.01)
+    assert (await call(http, sim, action="balance"))["balance"] == "1000.00"  # others answer
+    assert not waiting.done() and sim.orders == {}
+    sim.resume("add")
+    assert await waiting == {"order": 1000}
+    assert await add(http, sim) == {"order": 1001}  # resumed: answered at once
+
+
+async def test_pause_ends_in_a_reset_when_stopped(
+    http: aiohttp.ClientSession, sim: SimProvider
+) -> None:
+    sim.pause("refill")
+    waiting = asyncio.create_task(call(http, sim, action="refill", order=1))
+    while not sim.received_actions("refill"):
+        await asyncio.sleep(0.01)
+    await sim.stop()
+    with pytest.raises(aiohttp.ClientError):
+        await waiting
+    await sim.start()
+    assert await call(http, sim, action="refill", order=1) == {"error": v2.INCORRECT_ORDER}
+
+
 async def test_received_log(http: aiohttp.ClientSession, sim: SimProvider) -> None:
     await call(http, sim, action="balance")
     await add(http, sim, quantity=5)

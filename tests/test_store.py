@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from router.store import Attempt, NewOrder, Store
+from router.store import Attempt, DuplicateRequest, NewOrder, Store, StoreError
 from router.upstream import CallRecord, Outcome
 
 
@@ -156,3 +156,41 @@ async def test_start_up_holds_only_what_no_live_process_is_placing(store: Store)
     assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 3
     assert {await state(name) for name in orders} == {"held"}
     assert await store.ledger_sum(reseller.id) == 10_000 - 6 * 100  # funds stay reserved
+
+
+# --- Request IDs and open refills ----------------------------------------------------------------
+
+
+def _new(reseller_id: int, charge: int = 100, request_id: str | None = None) -> NewOrder:
+    return NewOrder(reseller_id, 1, "https://x.example/p", 100, charge, {}, "a", 7, request_id)
+
+
+async def test_an_integrity_error_other_than_the_balance_is_no_lack_of_funds(store: Store) -> None:
+    """A negative charge passes the funds WHERE clause and fails the orders CHECK: a bug to
+    report (an internal error), not `Not enough funds on balance`."""
+    reseller = await store.create_reseller("acme", "hash", 1000)
+    with pytest.raises(StoreError, match="charge >= 0"):
+        await store.reserve_order(_new(reseller.id, charge=-5))
+    with pytest.raises(StoreError, match="CHECK"):  # the request ID CHECK of migration 0007
+        await store.reserve_order(_new(reseller.id, request_id="has space"))
+    assert await store.count_orders() == {}
+    assert await store.ledger_sum(reseller.id) == 1000
+    assert await store.reserve_order(_new(reseller.id, charge=5000)) is None  # short of funds
+
+
+async def test_a_request_id_makes_one_order_per_reseller(store: Store) -> None:
+    acme = await store.create_reseller("acme", "hash-a", 1000)
+    other = await store.create_reseller("other", "hash-o", 1000)
+    first = await store.reserve_order(_new(acme.id, request_id="r-1"))
+    assert first is not None
+    with pytest.raises(DuplicateRequest) as caught:
+        await store.reserve_order(_new(acme.id, charge=300, request_id="r-1"))
+    assert caught.value.first.id == first and caught.value.first.request_id == "r-1"
+    # Short of funds now, but the ID was used: still the first order, not "no funds".
+    with pytest.raises(DuplicateRequest):
+        await store.reserve_order(_new(acme.id, charge=5000, request_id="r-1"))
+    theirs = await store.reserve_order(_new(other.id, request_id="r-1"))
+    assert theirs is not None and theirs != first
+    assert await store.reserve_order(_new(acme.id, charge=5000, request_id="r-2")) is None
+    assert await store.ledger_sum(acme.id) == 900
+    assert await store.count_orders(acme.id) == {"placing": 1}

@@ -426,3 +426,35 @@ def test_service_types_cover_v2_md() -> None:
         "Default",
         "Web Traffic",
     }
+
+
+@pytest.mark.parametrize(
+    "raw", ["a", "order-1234", "x" * v2.MAX_REQUEST_ID_LENGTH, "!~", "550e8400-e29b-41d4", "a:b/c"]
+)
+def test_check_request_id_accepts(raw: str) -> None:
+    assert v2.check_request_id(raw) == raw
+
+
+@pytest.mark.parametrize("raw", [None, ""])
+def test_check_request_id_absent(raw: str | None) -> None:
+    assert v2.check_request_id(raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "x" * (v2.MAX_REQUEST_ID_LENGTH + 1),
+        "a b",  # spaces are refused, not trimmed
+        " a",
+        "a\n",
+        "a\x00",
+        "a\x7f",
+        "caf\u00e9",
+        "\u0430bc",  # Cyrillic a: looks ASCII, is not
+        "a\u200bb",
+    ],
+)
+def test_check_request_id_refuses(raw: str) -> None:
+    with pytest.raises(v2.V2Error) as caught:
+        v2.check_request_id(raw)
+    assert caught.value.message == v2.INCORRECT_REQUEST
