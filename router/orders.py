@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -29,6 +29,9 @@ log = structlog.get_logger("router.orders")
 
 MAX_RUNS: Final = 1000
 MAX_INTERVAL_MINUTES: Final = 60 * 24 * 30
+# Refill and cancel calls at once to one provider, over every reseller's requests: a reseller
+# refilling hundreds of orders must not become hundreds of calls at an upstream.
+FORWARD_CALLS_IN_FLIGHT: Final = 4
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -141,6 +144,10 @@ class OrderDesk:
         self.metrics = metrics
         self.states: MutableMapping[str, ProviderState] = states if states is not None else {}
         self.clock = clock
+        self._forwarding = {name: asyncio.Semaphore(FORWARD_CALLS_IN_FLIGHT) for name in clients}
+        # Orders whose refill is being asked upstream now -> what the asking request will get:
+        # a second request for one of them waits for that answer instead of asking again.
+        self._refilling: dict[int, asyncio.Future[int | str]] = {}
 
     def service(self, raw: str | None) -> Service:
         service_id = v2.parse_id(raw)
@@ -454,22 +461,67 @@ class OrderDesk:
     # --- refill -------------------------------------------------------------------------------
 
     async def refill(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, int | str]:
-        """Ask the provider holding each order for a refill: local refill ID, or error text."""
+        """Ask the provider holding each order for a refill: local refill ID, or error text.
+
+        An order whose refill is still open (Pending, In progress) answers that refill and
+        nothing is sent; the others go upstream in multi-order calls (see `_forward`). The
+        upstream's reason for refusing one passes through as it wrote it.
+        """
         errors, todo = await self._forwardable(reseller, order_ids, "refill", v2.REFILL_DISABLED)
         results: dict[int, int | str] = dict(errors)
+        # Claimed before the open refills are read, released once the new ones are stored: a
+        # request that finds an order unclaimed reads after any earlier refill of it was stored.
+        waiting = {o.id: self._refilling[o.id] for o in todo if o.id in self._refilling}
+        loop = asyncio.get_running_loop()
+        claimed = {o.id: loop.create_future() for o in todo if o.id not in waiting}
+        self._refilling.update(claimed)
+        try:
+            mine = [order for order in todo if order.id in claimed]
+            results.update(await self.store.open_refills_of([order.id for order in mine]))
 
-        async def one(order: Order) -> int | str:
-            assert order.provider is not None and order.upstream_order is not None
-            try:
-                upstream_refill = await self.clients[order.provider].refill(order.upstream_order)
-            except UpstreamRefused as exc:
-                return exc.message
-            except UpstreamError:
-                return v2.UNAVAILABLE
-            return await self.store.create_refill(order, upstream_refill)
+            async def send(provider: str, batch: list[Order]) -> None:
+                results.update(await self._refill_batch(provider, batch))
 
-        for order, result in zip(todo, await asyncio.gather(*map(one, todo)), strict=True):
-            results[order.id] = result
+            await self._forward([order for order in mine if order.id not in results], send)
+        finally:
+            for order_id, claim in claimed.items():
+                claim.set_result(results.get(order_id, v2.UNAVAILABLE))
+                del self._refilling[order_id]
+        if waiting:
+            log.info("refill_joins_another_request", orders=sorted(waiting))
+        for order_id, claim in waiting.items():
+            results[order_id] = await asyncio.shield(claim)
+        return results
+
+    async def _refill_batch(self, provider: str, batch: list[Order]) -> dict[int, int | str]:
+        """One multi-order `refill` call; the refills it made are stored at once."""
+        upstream_ids = [order.upstream_order for order in batch if order.upstream_order]
+        answers: Mapping[int, int | UpstreamError]
+        try:
+            answers = await self.clients[provider].refill_many(upstream_ids)
+        except UpstreamError as exc:
+            if not isinstance(exc, UpstreamRefused):
+                log.warning(
+                    "refill_failed", provider=provider, orders=len(batch), error=exc.message
+                )
+            answers = dict.fromkeys(upstream_ids, exc)
+        else:
+            for upstream_id, item in answers.items():
+                if isinstance(item, UpstreamError) and not isinstance(item, UpstreamRefused):
+                    log.warning(
+                        "refill_item_unreadable",
+                        provider=provider,
+                        upstream_order=upstream_id,
+                        error=item.message,
+                    )
+        made = [(o, a) for o in batch if isinstance(a := answers.get(o.upstream_order or 0), int)]
+        results: dict[int, int | str] = dict(await self.store.create_refills(made))
+        for order in batch:
+            answer = answers.get(order.upstream_order or 0)
+            if isinstance(answer, UpstreamRefused):
+                results[order.id] = answer.message
+            elif order.id not in results:  # unreadable: a refill may exist, but we cannot tell
+                results[order.id] = v2.UNAVAILABLE
         return results
 
     async def refill_status(
@@ -501,10 +553,28 @@ class OrderDesk:
                 assert order.upstream_order is not None
                 results[order.id] = answers.get(order.upstream_order, v2.UNAVAILABLE)
 
-        by_provider = _group(todo, lambda order: order.provider or "")
-        await asyncio.gather(*(one_provider(p, group) for p, group in by_provider.items()))
+        await self._forward(todo, one_provider)
         await self.store.record_cancel_requests({order.id: results[order.id] for order in todo})
         return results
+
+    async def _forward(
+        self, orders: Sequence[Order], send: Callable[[str, list[Order]], Awaitable[None]]
+    ) -> None:
+        """`send(provider, batch)` for the orders of each provider, in batches of at most
+        v2.MAX_IDS_PER_REQUEST, at most FORWARD_CALLS_IN_FLIGHT calls per provider at once."""
+        size = v2.MAX_IDS_PER_REQUEST
+
+        async def one(provider: str, batch: list[Order]) -> None:
+            async with self._forwarding[provider]:
+                await send(provider, batch)
+
+        await asyncio.gather(
+            *(
+                one(provider, group[start : start + size])
+                for provider, group in _group(orders, lambda order: order.provider or "").items()
+                for start in range(0, len(group), size)
+            )
+        )
 
     async def _forwardable(
         self, reseller: Reseller, order_ids: Sequence[int], feature: str, disabled: str
@@ -520,7 +590,11 @@ class OrderDesk:
                 errors[order_id] = v2.INCORRECT_ORDER
             elif not self._offers(order, feature):
                 errors[order_id] = disabled
-            elif order.state != "placed" or order.upstream_order is None:
+            elif (
+                order.state != "placed"
+                or order.upstream_order is None
+                or order.provider not in self.clients  # a provider removed from the config
+            ):
                 errors[order_id] = v2.UNAVAILABLE
             else:
                 todo.append(order)

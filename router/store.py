@@ -856,17 +856,38 @@ class Store:
 
     # --- Refills ------------------------------------------------------------------------------
 
-    async def create_refill(self, order: Order, upstream_refill: int) -> int:
-        assert order.provider is not None
+    async def create_refills(self, refills: Sequence[tuple[Order, int]]) -> dict[int, int]:
+        """Refills the upstream made, as (order, upstream refill ID), in ONE statement: the
+        local refill ID of each order."""
+        if not refills:
+            return {}
         now = time.time()
+        values: list[object] = []
+        for order, upstream_refill in refills:
+            assert order.provider is not None
+            values += (order.id, order.reseller_id, order.provider, upstream_refill, now, now)
         async with self._write() as db:
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 "INSERT INTO refills (order_id, reseller_id, provider, upstream_refill, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (order.id, order.reseller_id, order.provider, upstream_refill, now, now),
+                "created_at, updated_at) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(refills))
+                + " RETURNING order_id, id",
+                values,
             )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        return {row[0]: row[1] for row in rows}
+
+    async def open_refills_of(self, order_ids: Sequence[int]) -> dict[int, int]:
+        """The refill still open (Pending, In progress) of each of these orders that has one:
+        order ID -> the latest such refill's ID."""
+        if not order_ids:
+            return {}
+        rows = await self._reader.execute_fetchall(
+            "SELECT order_id, max(id) FROM refills INDEXED BY refills_open_by_order "
+            f"WHERE order_id IN ({_placeholders(len(order_ids))}) AND {_OPEN_REFILL} "
+            "GROUP BY order_id",
+            list(order_ids),
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def refills_of(self, reseller_id: int, refill_ids: Sequence[int]) -> dict[int, Refill]:
         if not refill_ids:

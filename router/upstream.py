@@ -308,6 +308,33 @@ def parse_refill(data: Any) -> int:
     return refill
 
 
+def _refill_item(item: object) -> int | UpstreamError:
+    """One order's item in a multi `refill` answer: `{"order": 1, "refill": 5}`, `{"refill":
+    {"error": ...}}`, a bare refill ID or a bare error string (keyed by order ID)."""
+    value = item.get("refill") if isinstance(item, dict) and "refill" in item else item
+    error = _item_error(value)
+    if error is None and value is not item:
+        error = _item_error(item)  # {"order": 1, "refill": null, "error": "..."}
+    if error is not None:
+        return _refusal(error)
+    if (refill := _int(value, minimum=1)) is not None:
+        return refill
+    if isinstance(value, str) and value.strip() and v2.parse_decimal(value) is None:
+        return _refusal(value)  # a bare error string
+    return _garbage("no refill ID in the item", item)
+
+
+def parse_refills(data: Any, ids: Sequence[int]) -> dict[int, int | UpstreamError]:
+    """The answer to a multi `refill`, per asked order: the upstream refill ID, or the error of
+    its item (UpstreamRefused when the upstream said why, OutcomeUnknown when the item is
+    missing or unreadable: a refill may have been made)."""
+    items = _by_id(data, ids, field="order", single="refill")
+    return {
+        i: _refill_item(items[i]) if i in items else OutcomeUnknown("missing from the answer")
+        for i in ids
+    }
+
+
 def parse_refill_statuses(data: Any, ids: Sequence[int]) -> dict[int, str | None]:
     """The answer to a multi `refill_status`: a refill word per asked ID, None if unknown."""
     items = _by_id(data, ids, field="refill", single="status")
@@ -479,6 +506,20 @@ class UpstreamClient:
     async def refill(self, order_id: int) -> int:
         """Ask for a refill of one order; the upstream refill ID."""
         return await self._call("refill", {"order": str(order_id)}, parse_refill)
+
+    async def refill_many(self, order_ids: Sequence[int]) -> dict[int, int | UpstreamError]:
+        """Ask for refills of up to 100 orders in ONE call (none: no call): per order, the
+        upstream refill ID or the error of its item (see parse_refills). A failure of the whole
+        call raises, as every action does. A lone order is sent as `order`, the form every
+        panel takes."""
+        if not (ids := _batch(order_ids)):
+            return {}
+        fields = {"order": str(ids[0])} if len(ids) == 1 else {"orders": _joined(ids)}
+        answers = await self._call("refill", fields, lambda d: parse_refills(d, ids))
+        return {
+            i: type(a)(self._redact(a.message)) if isinstance(a, UpstreamError) else a
+            for i, a in answers.items()
+        }
 
     async def refill_status(self, refill_ids: Sequence[int]) -> dict[int, str | None]:
         """Refill words (v2.REFILL_STATUSES) of up to 100 refills; None where unknown."""

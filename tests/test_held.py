@@ -205,6 +205,19 @@ async def test_held_orders_listed_and_shown(setup: Setup, cli: Cli) -> None:
     assert code == 1 and "no order 999" in err
 
 
+async def test_orders_show_names_the_request_id(setup: Setup, cli: Cli) -> None:
+    answer = await setup.router.call(
+        key=setup.key, action="add", service=1, link="x", quantity=100, request_id="panel-77"
+    )
+    code, out, _ = await cli(setup.path, "orders", "show", str(answer["order"]), "--json")
+    assert code == 0 and json.loads(out)["order"]["request_id"] == "panel-77"
+    code, out, _ = await cli(setup.path, "orders", "show", str(answer["order"]))
+    assert code == 0 and "  request   panel-77\n" in out
+    plain = await setup.held_order()
+    code, out, _ = await cli(setup.path, "orders", "show", str(plain))
+    assert code == 0 and "  request   -\n" in out
+
+
 async def test_refund_cancels_and_refunds_once(setup: Setup, cli: Cli) -> None:
     order_id = await setup.held_order()
     await setup.assert_balance("9.00")

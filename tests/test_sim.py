@@ -24,6 +24,7 @@ from router.sim import (
     parse_fault,
     serve_from_args,
 )
+from tests.conftest import wait_for
 
 KEY = "test-key"
 LINK = "https://instagram.com/someone"
@@ -416,10 +417,7 @@ async def test_pause_then_resume(http: aiohttp.ClientSession, sim: SimProvider) 
     """A paused action is received, waits, and is answered as usual once resumed."""
     sim.pause("add")
     waiting = asyncio.create_task(add(http, sim))
-    deadline = asyncio.get_running_loop().time() + 10
-    while not sim.received_actions("add"):
-        assert asyncio.get_running_loop().time() < deadline, "the add never arrived"
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: sim.received_actions("add"), "the add at the simulator")
     assert (await call(http, sim, action="balance"))["balance"] == "1000.00"  # others answer
     assert not waiting.done() and sim.orders == {}
     sim.resume("add")
@@ -432,8 +430,7 @@ async def test_pause_ends_in_a_reset_when_stopped(
 ) -> None:
     sim.pause("refill")
     waiting = asyncio.create_task(call(http, sim, action="refill", order=1))
-    while not sim.received_actions("refill"):
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: sim.received_actions("refill"), "the refill at the simulator")
     await sim.stop()
     with pytest.raises(aiohttp.ClientError):
         await waiting

@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,3 +196,43 @@ async def test_a_request_id_makes_one_order_per_reseller(store: Store) -> None:
     assert await store.reserve_order(_new(acme.id, charge=5000, request_id="r-2")) is None
     assert await store.ledger_sum(acme.id) == 900
     assert await store.count_orders(acme.id) == {"placing": 1}
+
+
+async def test_open_refills_of(store: Store) -> None:
+    _, order_id = await _placing(store)
+    await store.settle_order(order_id, state="placed", attempts=[], provider="a", upstream_order=9)
+    order = await store.order(order_id)
+    assert order is not None
+    assert await store.open_refills_of([order_id]) == {}
+    made = await store.create_refills([(order, 501)])
+    assert list(made) == [order_id]
+    assert await store.open_refills_of([order_id, 12345]) == {order_id: made[order_id]}
+    [refill] = await store.open_refills("a")
+    await store.record_refill_statuses([(refill, "Completed")])
+    assert await store.open_refills_of([order_id]) == {}
+
+
+async def _plans(store: Store, work: Callable[[], Awaitable[Any]]) -> list[str]:
+    """The query plan of every statement the store's reader runs during `work`."""
+    statements: list[str] = []
+    reader = store._reader  # the statements as run, values bound
+    await reader.set_trace_callback(statements.append)
+    try:
+        await work()
+    finally:
+        await reader.set_trace_callback(None)
+    plans = []
+    for statement in statements:
+        rows = await reader.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}")
+        plans.append(" / ".join(str(row[3]) for row in rows))
+    return plans
+
+
+async def test_request_id_and_open_refill_lookups_use_their_indexes(store: Store) -> None:
+    reseller_id, order_id = await _placing(store)
+    plans = await _plans(store, lambda: store.order_by_request_id(reseller_id, "r-1"))
+    plans += await _plans(store, lambda: store.open_refills_of([order_id, 2, 3]))
+    assert len(plans) == 2
+    assert "orders USING INDEX orders_by_request_id" in plans[0]
+    assert "refills USING INDEX refills_open_by_order" in plans[1]
+    assert not [plan for plan in plans if "SCAN" in plan], plans

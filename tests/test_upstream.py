@@ -575,6 +575,56 @@ async def test_refill(client: tuple[FakeUpstream, UpstreamClient]) -> None:
             await upstream_client.refill(23501)
 
 
+async def test_refill_many(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+    """One call for many orders (V2.md's list shape and the odd ones), one item per order."""
+    upstream, upstream_client = client
+    upstream.answer(
+        "refill",
+        [
+            {"order": 1, "refill": 11},
+            {"order": "2", "refill": "12"},
+            {"order": 3, "refill": {"error": "Incorrect order ID"}},
+            {"order": 4, "refill": 0},
+            {"order": 6, "error": "Refill is available only for completed orders"},
+            "garbage",
+        ],
+    )
+    got = await upstream_client.refill_many([1, 2, 3, 4, 5, 6])
+    assert upstream.received[-1] == {"key": KEY, "action": "refill", "orders": "1,2,3,4,5,6"}
+    assert (got[1], got[2]) == (11, 12)
+    assert isinstance(got[3], UpstreamRefused) and got[3].message == "Incorrect order ID"
+    assert isinstance(got[4], OutcomeUnknown)  # no usable refill ID: one may exist
+    assert isinstance(got[5], OutcomeUnknown) and "missing" in got[5].message
+    assert isinstance(got[6], UpstreamRefused) and "completed orders" in got[6].message
+
+    # Keyed by the order IDs as sent, items bare or as objects.
+    upstream.answer("refill", {"1": 21, "2": "22", "3": {"refill": 23}, "4": "Order not found"})
+    got = await upstream_client.refill_many([1, 2, 3, 4])
+    assert (got[1], got[2], got[3]) == (21, 22, 23)
+    assert isinstance(got[4], UpstreamRefused) and got[4].message == "Order not found"
+
+    # A lone order goes as `order`, and may come back in the single shape.
+    upstream.answer("refill", {"refill": "31"})
+    assert await upstream_client.refill_many([7]) == {7: 31}
+    assert upstream.received[-1] == {"key": KEY, "action": "refill", "order": "7"}
+    assert await upstream_client.refill_many([]) == {}
+    assert len(upstream.received) == 3  # no call for no orders
+
+    upstream.answer("refill", [])  # PHP's empty array: nothing readable
+    assert all(
+        isinstance(a, OutcomeUnknown) for a in (await upstream_client.refill_many([1, 2])).values()
+    )
+    upstream.answer("refill", {"error": f"Invalid API key {KEY}"})  # the whole call refused
+    with pytest.raises(UpstreamRefused) as caught:
+        await upstream_client.refill_many([1, 2])
+    assert KEY not in caught.value.message
+    upstream.answer("refill", [{"order": 1, "refill": {"error": f"key {KEY} here"}}])
+    [(_, item)] = (await upstream_client.refill_many([1])).items()
+    assert isinstance(item, UpstreamRefused) and item.message == "key ********** here"
+    with pytest.raises(ValueError, match="at most 100"):
+        await upstream_client.refill_many(list(range(1, 102)))
+
+
 async def test_refill_status(client: tuple[FakeUpstream, UpstreamClient]) -> None:
     upstream, upstream_client = client
     upstream.answer(
