@@ -30,6 +30,8 @@ log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
 TOO_MANY_REQUESTS_STATUS: Final = 429
+# A drip-feed order's stored params hold `runs`; this finds them without decoding every order's.
+_RUNS_FIELD: Final = '"runs"'
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -134,14 +136,20 @@ def order_view(order: Order, currency: str) -> dict[str, str]:
 
     `charge` is what the reseller finally paid: the charge less what the ledger gave back
     (a Partial's undelivered share, a Canceled order's whole charge), as panels expect.
+    A drip-feed order also carries `runs`: SmartPanel-based panels refund wrongly without it.
     """
-    return {
+    view = {
         "charge": v2.format_money(order.charge - order.refunded),
         "start_count": str(order.start_count or 0),
         "status": reseller_status(order),
         "remains": str(order.quantity if order.remains is None else order.remains),
         "currency": currency,
     }
+    if _RUNS_FIELD in order.params_json:  # decode only the few orders that may hold it
+        runs = order.params.get("runs")
+        if runs is not None:
+            view["runs"] = str(runs)
+    return view
 
 
 Handler = Callable[["V2Api", Reseller, Mapping[str, str]], Awaitable[Any]]

@@ -242,6 +242,35 @@ async def test_a_trailing_slash_works_like_the_bare_path(
     }
 
 
+async def test_a_dripfeed_status_carries_its_runs(world: Any) -> None:
+    _, router, key = world
+    drip = await router.call(
+        key=key, action="add", service=1, link="a", quantity=100, runs=7, interval=30
+    )
+    plain = await router.call(key=key, action="add", service=1, link="b", quantity=100)
+
+    single = await router.call(key=key, action="status", order=drip["order"])
+    assert_shape(single, {**STATUS_TYPES, "runs": str})
+    assert single["runs"] == "7"
+    multi = await router.call(key=key, action="status", orders=f"{drip['order']},{plain['order']}")
+    assert multi[str(drip["order"])] == single
+    assert_shape(multi[str(plain["order"])], STATUS_TYPES)  # no `runs` on other orders
+    assert_shape(await router.call(key=key, action="status", order=plain["order"]), STATUS_TYPES)
+
+
+async def test_a_comment_that_mentions_runs_is_no_dripfeed(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    sim = await start_sim()
+    router = await start_router(
+        {"alpha": sim.url}, [service(3, [("alpha", 103)], type="Custom Comments", min=1)]
+    )
+    key = await router.reseller()
+    comments = 'a "runs" b\n"runs": 3'
+    order = await router.call(key=key, action="add", service=3, link="a", comments=comments)
+    assert_shape(await router.call(key=key, action="status", order=order["order"]), STATUS_TYPES)
+
+
 async def test_a_get_of_100_ids_and_a_long_link_passes_the_parser(world: Any) -> None:
     _, router, key = world
     ids = ",".join(str(10**18 + n) for n in range(100))  # 100 IDs of 19 digits
