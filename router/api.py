@@ -1,7 +1,9 @@
 """The reseller endpoint: read parameters, authenticate, dispatch by action, shape v2 answers.
 
 Every answer is HTTP 200 `application/json`; every refusal is `{"error": ...}` with a V2.md
-message. Business rules live in `router.orders`.
+message, but for a key past its request limits (`router.limits`): HTTP 429 with `Retry-After`.
+Once the key is known, every answer carries the `X-RateLimit-*` headers of its action class.
+Business rules live in `router.orders`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from router import v2
+from router.limits import Admission, RequestLimiter
 from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
 from router.orders import OrderDesk, reseller_status
 from router.store import Order, Reseller
@@ -27,6 +30,9 @@ log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
+TOO_MANY_REQUESTS_STATUS: Final = 429
+# A drip-feed order's stored params hold `runs`; this finds them without decoding every order's.
+_RUNS_FIELD: Final = '"runs"'
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -41,6 +47,7 @@ _OUTCOMES: Final[dict[str, str]] = {
     v2.REFILL_NOT_FOUND: "refill_not_found",
     v2.TOO_MANY_IDS: "too_many_ids",
     v2.UNAVAILABLE: "unavailable",
+    v2.TOO_MANY_REQUESTS: "rate_limited",
 }
 
 
@@ -55,8 +62,20 @@ def _outcome(message: str) -> str:
     return _OUTCOMES.get(message, "error")
 
 
-def json_response(payload: Any) -> web.Response:
-    return web.Response(body=json.dumps(payload).encode(), content_type=JSON)
+def json_response(payload: Any, *, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(payload).encode(), status=status, content_type=JSON)
+
+
+def rate_limit_headers(admission: Admission) -> dict[str, str]:
+    """The `X-RateLimit-*` headers (Reset in delta seconds), and `Retry-After` on a refusal."""
+    headers = {
+        "X-RateLimit-Limit": str(admission.limit),
+        "X-RateLimit-Remaining": str(admission.remaining),
+        "X-RateLimit-Reset": str(admission.reset),
+    }
+    if not admission.admitted:
+        headers["Retry-After"] = str(admission.retry_after)
+    return headers
 
 
 def _form_pairs(raw: bytes | str) -> list[tuple[str, str]]:
@@ -132,14 +151,20 @@ def order_view(order: Order, currency: str) -> dict[str, str]:
 
     `charge` is what the reseller finally paid: the charge less what the ledger gave back
     (a Partial's undelivered share, a Canceled order's whole charge), as panels expect.
+    A drip-feed order also carries `runs`: SmartPanel-based panels refund wrongly without it.
     """
-    return {
+    view = {
         "charge": v2.format_money(order.charge - order.refunded),
         "start_count": str(order.start_count or 0),
         "status": reseller_status(order),
         "remains": str(order.quantity if order.remains is None else order.remains),
         "currency": currency,
     }
+    if _RUNS_FIELD in order.params_json:  # decode only the few orders that may hold it
+        runs = order.params.get("runs")
+        if runs is not None:
+            view["runs"] = str(runs)
+    return view
 
 
 Handler = Callable[["V2Api", Reseller, Mapping[str, str]], Awaitable[Any]]
@@ -151,6 +176,7 @@ class V2Api:
     def __init__(self, desk: OrderDesk, metrics: Metrics) -> None:
         self.desk = desk
         self.metrics = metrics
+        self.limiter = RequestLimiter(desk.config.limits)
         self.currency = desk.config.currency
         self.services_body = json.dumps(
             [
@@ -175,26 +201,40 @@ class V2Api:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
         action = UNKNOWN_ACTION
+        admission: Admission | None = None
         try:
             params = await read_params(request)
             raw_action = params.get("action", "")
             action = raw_action if raw_action in ACTIONS else UNKNOWN_ACTION
             structlog.contextvars.bind_contextvars(action=action)
-            reseller = await self._authenticate(params.get("key"))
+            reseller, key_hash = await self._authenticate(params.get("key"))
             structlog.contextvars.bind_contextvars(client_id=reseller.id)
-            handler = _HANDLERS.get(action)
-            if handler is None:
-                raise v2.V2Error(v2.INCORRECT_REQUEST)
-            payload = await handler(self, reseller, params)
+            # Limits count authenticated keys only: random keys create no state.
+            admission = self.limiter.admit(key_hash, action)
+            if not admission.admitted:
+                self.metrics.rate_limited.labels(action=action).inc()
+                raise v2.V2Error(v2.TOO_MANY_REQUESTS)
+            try:
+                handler = _HANDLERS.get(action)
+                if handler is None:
+                    raise v2.V2Error(v2.INCORRECT_REQUEST)
+                payload = await handler(self, reseller, params)
+            finally:
+                self.limiter.release(key_hash)
             response = payload if isinstance(payload, web.Response) else json_response(payload)
             outcome = "ok"
         except v2.V2Error as exc:
-            response = json_response({"error": exc.message})
+            limited = exc.message == v2.TOO_MANY_REQUESTS
+            response = json_response(
+                {"error": exc.message}, status=TOO_MANY_REQUESTS_STATUS if limited else 200
+            )
             outcome = _outcome(exc.message)
         except Exception:
             log.exception("request_failed")
             response = json_response({"error": v2.UNAVAILABLE})
             outcome = "internal_error"
+        if admission is not None:
+            response.headers.update(rate_limit_headers(admission))
         duration = time.perf_counter() - started
         self.metrics.requests.labels(action=action, outcome=outcome).inc()
         self.metrics.request_duration.labels(action=action).observe(duration)
@@ -203,13 +243,15 @@ class V2Api:
             log.info("request", outcome=outcome, duration=round(duration, 6))
         return response
 
-    async def _authenticate(self, key: str | None) -> Reseller:
+    async def _authenticate(self, key: str | None) -> tuple[Reseller, str]:
+        """The key's reseller, and the key's hash (what the store and the limits know it by)."""
         if not key:
             raise v2.V2Error(v2.INVALID_KEY)
-        reseller = await self.desk.store.reseller_by_key_hash(hash_key(key))
+        key_hash = hash_key(key)
+        reseller = await self.desk.store.reseller_by_key_hash(key_hash)
         if reseller is None:
             raise v2.V2Error(v2.INVALID_KEY)
-        return reseller
+        return reseller, key_hash
 
     # --- actions ------------------------------------------------------------------------------
 

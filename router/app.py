@@ -3,6 +3,7 @@
 Usage::
 
     app = create_app(config)                       # the reseller API (+ /healthz)
+    runner = ApiRunner(app)                        # its listener: malformed HTTP answered in JSON
     await serve(config)                            # API and /metrics listeners until cancelled
 """
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from router import v2
-from router.api import V2Api
+from router.api import V2Api, json_response
 from router.config import Config
 from router.metrics import Metrics
 from router.orders import OrderDesk
@@ -41,6 +42,13 @@ CONNECTIONS_PER_PROVIDER: Final = 100
 # which is ambiguous and would hold the order.
 UPSTREAM_KEEPALIVE_SECONDS: Final = 4.0
 PLACING_SLACK_SECONDS: Final = 60.0  # beyond the longest upstream timeout (see placing_bound)
+# aiohttp's parser refuses a request line or a header over 8 KiB by default: too little for a
+# GET of 100 IDs (2 KiB) with a 2,048-character link percent-encoded (6 KiB in ASCII, 12 KiB in
+# two-byte characters). Past these limits a request is malformed: a v2 JSON answer
+# (V2RequestHandler).
+MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
+MAX_HEADER_FIELD_BYTES: Final = 16 * 1024
+API_PATHS: Final = ("/api/v2", "/api/v1", "/api/v2/", "/api/v1/")
 
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -219,6 +227,68 @@ def _provider_watch_ctx(
     return ctx
 
 
+class V2RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses as the v2 API does.
+
+    aiohttp answers a request it cannot parse (a request line or header over its limits, a bad
+    method) itself, before any route or middleware, with a text page, and logs the parser's
+    error, which quotes the request line: the reseller's key with it. There is no hook for
+    either (aio-libs/aiohttp#3287), so this subclass overrides `handle_error`: HTTP 200
+    `{"error": "Incorrect request"}` (the connection is closed, as aiohttp does), and a log line
+    that names the error's class, never its message. A handler's own crash (5xx) keeps its
+    status, with a JSON body.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: nothing sane to add
+            raise ConnectionError("response already started, cannot send an error")
+        reason = type(exc).__name__ if exc is not None else "unknown"
+        # A log sink that fails (a closed or full stderr) must not cost the answer.
+        with contextlib.suppress(Exception):
+            if status >= 500:
+                log.error("http_error", status=status, reason=reason, exc_info=exc)
+            else:
+                log.info("malformed_request", status=status, reason=reason, remote=request.remote)
+        if status >= 500:
+            response = json_response({"error": v2.UNAVAILABLE}, status=status)
+        else:
+            response = json_response({"error": v2.INCORRECT_REQUEST})
+        response.force_close()
+        return response
+
+
+class _V2Server(web.Server):
+    """A `web.Server` whose connections are V2RequestHandlers."""
+
+    def __call__(self) -> web.RequestHandler:
+        return V2RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """The runner of the reseller API's listener: an AppRunner whose connections answer
+    malformed HTTP with v2 JSON (V2RequestHandler). `serve` and the tests both use it."""
+
+    async def _make_server(self) -> web.Server:
+        # The base class starts the app and builds the server with every handler argument
+        # (the app's `handler_args`: the parser limits); the same server, with our handler.
+        server = await super()._make_server()
+        return _V2Server(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+
+
 async def _v2(request: web.Request) -> web.Response:
     return await request.app[API].handle(request)
 
@@ -232,7 +302,14 @@ def create_app(
     config: Config, *, background: bool = True, registry: CollectorRegistry | None = None
 ) -> web.Application:
     """The reseller API application. `background=False` leaves out the sync loops (tests)."""
-    app = web.Application(client_max_size=v2.MAX_BODY_BYTES)
+    app = web.Application(
+        client_max_size=v2.MAX_BODY_BYTES,
+        # Handler arguments of the app itself, so that every runner of it parses alike.
+        handler_args={
+            "max_line_size": MAX_REQUEST_LINE_BYTES,
+            "max_field_size": MAX_HEADER_FIELD_BYTES,
+        },
+    )
     app[CONFIG] = config
     app[METRICS] = Metrics(registry or CollectorRegistry(), providers=config.providers)
     app.cleanup_ctx.append(_store_ctx)
@@ -241,7 +318,7 @@ def create_app(
     app.cleanup_ctx.append(_placing_sweep_ctx(background))
     app.cleanup_ctx.append(_order_sync_ctx(background))
     app.cleanup_ctx.append(_provider_watch_ctx(background))
-    for path in ("/api/v2", "/api/v1"):
+    for path in API_PATHS:  # with and without the trailing slash that some panels send
         app.router.add_route("GET", path, _v2)
         app.router.add_route("POST", path, _v2)
     app.router.add_get("/healthz", _healthz)
@@ -270,7 +347,7 @@ async def serve(
 ) -> None:
     """Run the API and metrics listeners until cancelled."""
     api = create_app(config)
-    api_runner = web.AppRunner(api, access_log=None)
+    api_runner = ApiRunner(api, access_log=None)
     metrics_runner = web.AppRunner(create_metrics_app(api), access_log=None)
     await api_runner.setup()
     await metrics_runner.setup()

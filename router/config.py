@@ -29,6 +29,12 @@ DEFAULT_OLD_ORDER_AGE: Final = 24 * 3600.0
 DEFAULT_OLD_ORDER_INTERVAL: Final = 900.0
 DEFAULT_CALLS_IN_FLIGHT: Final = 2
 DEFAULT_NO_FUNDS_BACKOFF: Final = 600.0
+DEFAULT_ADD_PER_MINUTE: Final = 600
+DEFAULT_STATUS_PER_MINUTE: Final = 1200
+DEFAULT_OTHER_PER_MINUTE: Final = 600
+DEFAULT_IN_FLIGHT: Final = 32
+MAX_PER_MINUTE: Final = 1_000_000
+MAX_IN_FLIGHT: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,16 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Per reseller key: requests per minute by action class, and requests at once."""
+
+    add: int = DEFAULT_ADD_PER_MINUTE
+    status: int = DEFAULT_STATUS_PER_MINUTE
+    other: int = DEFAULT_OTHER_PER_MINUTE  # every other action, unknown ones included
+    in_flight: int = DEFAULT_IN_FLIGHT
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listener
     metrics: Listener
@@ -103,6 +119,7 @@ class Config:
     services: Mapping[int, Service]  # in the order of the file
     fx: Mapping[str, Decimal] = field(default_factory=dict)
     sync: Sync = field(default_factory=Sync)
+    limits: Limits = field(default_factory=Limits)
 
 
 class ConfigError(Exception):
@@ -469,7 +486,7 @@ def _config(raw: object, *, base_dir: Path, env: Mapping[str, str]) -> Config:
     _substitute(raw, "", env, found)
     required = {"listen": _listener, "metrics": _listener, "database": _database}
     required |= {"currency": _currency, "providers": _table, "services": _table}
-    optional = {"fx": _fx, "sync": _sync}
+    optional = {"fx": _fx, "sync": _sync, "limits": _limits}
     top = found.check("", lambda value: _fields(value, found, required, optional), raw) or {}
     if top.get("listen") and top.get("listen") == top.get("metrics"):
         found.add("metrics", "same host and port as listen")
@@ -505,6 +522,20 @@ def _sync(value: object) -> Sync:
     fields = _fields(value, found, _NO_CHECKS, checks)
     found.done()
     return Sync(**fields)
+
+
+def _limits(value: object) -> Limits:
+    found = _Found()
+    per_minute = partial(
+        _integer, low=1, high=MAX_PER_MINUTE, what=f"a positive integer up to {MAX_PER_MINUTE}"
+    )
+    checks: dict[str, _Check] = dict.fromkeys(("add", "status", "other"), per_minute)
+    checks["in_flight"] = partial(
+        _integer, low=1, high=MAX_IN_FLIGHT, what=f"a positive integer up to {MAX_IN_FLIGHT}"
+    )
+    fields = _fields(value, found, _NO_CHECKS, checks)
+    found.done()
+    return Limits(**fields)
 
 
 def _fx(value: object) -> dict[str, Decimal]:

@@ -51,6 +51,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "smm_router_rate_limited",
+            "Reseller API requests refused with HTTP 429: a key past its rate or in-flight limit.",
+            ["action"],
+            registry=registry,
+        )
         self.upstream_requests = Counter(
             "smm_router_upstream_requests",
             "Calls to upstream providers by outcome class.",
@@ -134,6 +140,7 @@ class Metrics:
         )
         for action in ACTIONS:
             self.request_duration.labels(action=action)
+            self.rate_limited.labels(action=action)
         for provider in providers:
             for action in UPSTREAM_ACTIONS:
                 self.upstream_duration.labels(provider=provider, action=action)

@@ -27,6 +27,7 @@ CANCEL_DISABLED: Final = "Cancel is disabled for this service"
 REFILL_NOT_FOUND: Final = "Refill not found"
 TOO_MANY_IDS: Final = "Too many IDs: at most 100 per request"
 UNAVAILABLE: Final = "Service temporarily unavailable"
+TOO_MANY_REQUESTS: Final = "Too many requests"  # the only error not sent with HTTP 200: a 429
 
 
 def quantity_below(minimum: int) -> str:

@@ -43,6 +43,8 @@ currency: USD
 providers:
   sim: {{url: "http://127.0.0.1:{sim}/api/v2", key: {key}, timeout: 10}}
 sync: {{status_interval: 3600, balance_interval: 3600, catalogue_interval: 3600}}
+# One key at full speed is what is measured: its request limits must not be what stops it.
+limits: {{add: 1000000, status: 1000000, other: 1000000, in_flight: 10000}}
 services:
   1:
     name: Bench Followers

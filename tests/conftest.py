@@ -16,12 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client import CollectorRegistry
 
 from router import v2
 from router.api import hash_key
-from router.app import STORE, create_app
+from router.app import STORE, ApiRunner, create_app
 from router.config import Config, Listener, Provider, Route, Secret, Service, Sync
 from router.sim import SimProvider
 from router.store import Store
@@ -103,28 +104,30 @@ class Router:
         self.keys[name] = key
         return key
 
-    async def call(self, encoding: str = "form", /, **params: Any) -> Any:
+    async def call(self, encoding: str = "form", /, path: str = "/api/v2", **params: Any) -> Any:
         """One v2 request; returns the decoded JSON after checking HTTP 200 + JSON type."""
-        response = await self.raw(encoding, **params)
+        response = await self.raw(encoding, path, **params)
         assert response.status == 200, await response.text()
         assert response.content_type == "application/json"
         return await response.json()
 
-    async def raw(self, encoding: str = "form", /, **params: Any) -> aiohttp.ClientResponse:
+    async def raw(
+        self, encoding: str = "form", /, path: str = "/api/v2", **params: Any
+    ) -> aiohttp.ClientResponse:
         fields = {k: str(v) for k, v in params.items()}
         if encoding == "get":
-            return await self.client.get("/api/v2", params=fields)
+            return await self.client.get(path, params=fields)
         if encoding == "form":
-            return await self.client.post("/api/v2", data=fields)
+            return await self.client.post(path, data=fields)
         if encoding == "multipart":
             form = aiohttp.FormData()
             for name, value in fields.items():
                 form.add_field(name, value)
             form._is_multipart = True  # force multipart/form-data even without files
-            return await self.client.post("/api/v2", data=form)
+            return await self.client.post(path, data=form)
         if encoding == "json":
             return await self.client.post(
-                "/api/v2",
+                path,
                 data=json.dumps(fields),
                 headers={"Content-Type": "application/json"},
             )
@@ -133,6 +136,13 @@ class Router:
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+class RouterTestServer(TestServer):
+    """The test server of the router's app, run as `serve` runs it (ApiRunner)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return ApiRunner(self.app, **kwargs)
 
 
 SimFactory = Callable[..., Awaitable[SimProvider]]
@@ -175,7 +185,7 @@ async def start_router(
         config = dataclasses.replace(config, **changes)
         registry = CollectorRegistry()
         app = create_app(config, background=background, registry=registry)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(RouterTestServer(app))
         return Router(client, config, registry)
 
     return start

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+from aiohttp import web
 
-from router import v2
-from tests.conftest import RouterFactory, SimFactory, service
+from router import logs, v2
+from router.api import hash_key
+from router.app import STORE, serve
+from router.config import Listener
+from tests.conftest import (
+    Router,
+    RouterFactory,
+    SimFactory,
+    build_config,
+    free_port,
+    service,
+)
 
 ENCODINGS = ["get", "form", "multipart", "json"]
 
@@ -200,3 +220,195 @@ async def test_dripfeed_charges_runs_times_quantity(world: Any) -> None:
     assert status["charge"] == "0.45"  # 0.90 x 500 / 1000
     sent = sim.received_actions("add")[0].params
     assert (sent["quantity"], sent["runs"], sent["interval"]) == ("100", "5", "30")
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("path", ["/api/v2/", "/api/v1/"])
+async def test_a_trailing_slash_works_like_the_bare_path(
+    world: Any, encoding: str, path: str
+) -> None:
+    sim, router, key = world
+    assert await router.call(encoding, path, key=key, action="balance") == {
+        "balance": "100.00",
+        "currency": "USD",
+    }
+    answer = await router.call(
+        encoding, path, key=key, action="add", service=1, link="a", quantity=50
+    )
+    status = await router.call(encoding, path, key=key, action="status", order=answer["order"])
+    assert status["status"] == "Pending" and len(sim.received_actions("add")) == 1
+    assert await router.call(encoding, path, key="wrong", action="balance") == {
+        "error": v2.INVALID_KEY
+    }
+
+
+async def test_a_dripfeed_status_carries_its_runs(world: Any) -> None:
+    _, router, key = world
+    drip = await router.call(
+        key=key, action="add", service=1, link="a", quantity=100, runs=7, interval=30
+    )
+    plain = await router.call(key=key, action="add", service=1, link="b", quantity=100)
+
+    single = await router.call(key=key, action="status", order=drip["order"])
+    assert_shape(single, {**STATUS_TYPES, "runs": str})
+    assert single["runs"] == "7"
+    multi = await router.call(key=key, action="status", orders=f"{drip['order']},{plain['order']}")
+    assert multi[str(drip["order"])] == single
+    assert_shape(multi[str(plain["order"])], STATUS_TYPES)  # no `runs` on other orders
+    assert_shape(await router.call(key=key, action="status", order=plain["order"]), STATUS_TYPES)
+
+
+async def test_a_comment_that_mentions_runs_is_no_dripfeed(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    sim = await start_sim()
+    router = await start_router(
+        {"alpha": sim.url}, [service(3, [("alpha", 103)], type="Custom Comments", min=1)]
+    )
+    key = await router.reseller()
+    comments = 'a "runs" b\n"runs": 3'
+    order = await router.call(key=key, action="add", service=3, link="a", comments=comments)
+    assert_shape(await router.call(key=key, action="status", order=order["order"]), STATUS_TYPES)
+
+
+async def test_a_get_of_100_ids_and_a_long_link_passes_the_parser(world: Any) -> None:
+    _, router, key = world
+    ids = ",".join(str(10**18 + n) for n in range(100))  # 100 IDs of 19 digits
+    link = "https://example.com/" + "é" * 2000  # 12 KB percent-encoded: over aiohttp's 8 KiB
+    answer = await router.call("get", key=key, action="status", orders=ids, link=link)
+    assert len(answer) == 100
+    assert all(item == {"error": v2.INCORRECT_ORDER} for item in answer.values())
+
+
+async def send_raw(router: Router, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Bytes written to the router's socket as they are; (status, headers, body) read back
+    until the router closes the connection."""
+    server = router.client.server
+    assert server.port is not None
+    return await send_to(server.host, server.port, request)
+
+
+async def send_to(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def assert_incorrect_request(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 200, body
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"error": v2.INCORRECT_REQUEST}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/v2?key=%(key)s&action=balance&pad=" + b"a" * 20_000 + b" HTTP/1.1\r\n"
+        b"Host: router\r\n\r\n",
+        b"POST /api/v2 HTTP/1.1\r\nHost: router\r\nX-Pad: " + b"a" * 20_000 + b"\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"BREW /api/v2?key=%(key)s HTTP/1.1\r\nHost: router\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS spoken to plain HTTP\r\n\r\n",
+    ],
+    ids=["20KB-query", "20KB-header", "unknown-method", "tls-hello"],
+)
+async def test_malformed_http_is_answered_in_json(world: Any, request_bytes: bytes) -> None:
+    _, router, key = world
+    request = request_bytes.replace(b"%(key)s", key.encode())
+    assert_incorrect_request(*await send_raw(router, request))
+    # The connection is closed, the server is not: the next request is served.
+    assert await router.call(key=key, action="balance") == {"balance": "100.00", "currency": "USD"}
+
+
+async def test_a_20kb_get_from_aiohttps_client_is_json_incorrect_request(world: Any) -> None:
+    _, router, key = world
+    response = await router.client.get(
+        "/api/v2", params={"key": key, "action": "balance", "pad": "a" * 20_000}
+    )
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == {"error": v2.INCORRECT_REQUEST}
+
+
+@pytest.fixture
+def reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()  # the test configured it onto its captured stderr
+
+
+async def test_no_log_line_ever_holds_the_key(
+    world: Any,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    reset_logging: None,
+) -> None:
+    _, router, key = world
+    logs.configure(json_lines=True, level=logging.DEBUG)  # what `serve` runs, on capfd's stderr
+    # Every record of every logger, aiohttp's access log too (no connection is open yet: each
+    # reads the level when it opens).
+    caplog.set_level(logging.DEBUG)
+    secret_query = f"/api/v2?key={key}&action=balance"
+    assert_incorrect_request(
+        *await send_raw(
+            router,
+            f"GET {secret_query}&pad={'a' * 20_000} HTTP/1.1\r\nHost: router\r\n\r\n".encode(),
+        )
+    )
+    response = await router.client.get(secret_query)  # a good GET: the access log quotes it
+    assert await response.json() == {"balance": "100.00", "currency": "USD"}
+
+    out, err = capfd.readouterr()
+    stdlib = "\n".join(
+        [caplog.text] + [f"{vars(record)}" for record in caplog.records]  # extras included
+    )
+    assert key not in out + err + stdlib
+    # What was logged: the router's own line for the malformed request, aiohttp's access line.
+    assert any(
+        json.loads(line).get("event") == "malformed_request" for line in err.splitlines() if line
+    ), err
+    access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any("key=[redacted]&action=balance" in line for line in access), access
+
+
+async def test_serve_parses_and_refuses_as_the_tests_do(
+    start_sim: SimFactory, tmp_path: Path
+) -> None:
+    """The real listener (`serve`): the raised parser limits, and JSON past them."""
+    sim = await start_sim()
+    config = dataclasses.replace(
+        build_config(tmp_path / "router.db", {"alpha": sim.url}, [service(1, [("alpha", 101)])]),
+        listen=Listener("127.0.0.1", free_port()),
+        metrics=Listener("127.0.0.1", free_port()),
+    )
+    ready = asyncio.Event()
+
+    async def on_ready(app: web.Application) -> None:
+        await app[STORE].create_reseller("acme", hash_key("serve-key"), v2.to_minor(Decimal(5)))
+        ready.set()
+
+    task = asyncio.create_task(serve(config, ready=on_ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 15)
+        host, port = config.listen.host, config.listen.port
+        ids = ",".join(str(10**18 + n) for n in range(100))
+        link = "%C3%A9" * 2000  # 12 KB: past aiohttp's default 8 KiB, within the router's
+        good = f"GET /api/v2/?key=serve-key&action=status&orders={ids}&link={link} HTTP/1.1"
+        status, headers, body = await send_to(
+            host, port, f"{good}\r\nHost: r\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status == 200 and len(json.loads(body)) == 100
+        assert headers["x-ratelimit-limit"] == "1200"
+        too_long = f"GET /api/v2?key=serve-key&pad={'a' * 20_000} HTTP/1.1\r\nHost: r\r\n\r\n"
+        assert_incorrect_request(*await send_to(host, port, too_long.encode()))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -15,6 +15,7 @@ from router.config import (
     DEFAULT_UPSTREAM_TIMEOUT,
     Config,
     ConfigError,
+    Limits,
     Route,
     Secret,
     Sync,
@@ -136,6 +137,7 @@ PORT = "expected a port number from 1 to 65535"
 QUANTITY = "expected a positive integer up to 1000000000"
 SECONDS = "expected a positive number of seconds"
 CURRENCY = "expected a currency code of 3 capital letters"
+PER_MINUTE = "expected a positive integer up to 1000000"
 SUBSCRIPTIONS = "type 'Subscriptions' is not supported yet (it needs per-post billing)"
 
 RULES = [
@@ -219,6 +221,19 @@ RULES = [
     (
         put("sync", {"calls_in_flight": 1.5}),
         "sync.calls_in_flight: expected an integer from 1 to 64, got a float",
+    ),
+    # limits
+    (put("limits", None), "limits: expected a mapping, got nothing"),
+    (put("limits", {"refill": 60}), "limits.refill: unknown key"),
+    (put("limits", {"add": 0}), f"limits.add: {PER_MINUTE}, got 0"),
+    (put("limits", {"status": -1}), f"limits.status: {PER_MINUTE}, got -1"),
+    (put("limits", {"other": "600"}), f"limits.other: {PER_MINUTE}, got a string"),
+    (put("limits", {"add": 1.5}), f"limits.add: {PER_MINUTE}, got a float"),
+    (put("limits", {"add": True}), f"limits.add: {PER_MINUTE}, got a boolean"),
+    (put("limits", {"add": 10**7}), f"limits.add: {PER_MINUTE}, got 10000000"),
+    (
+        put("limits", {"in_flight": 0}),
+        "limits.in_flight: expected a positive integer up to 10000, got 0",
     ),
     # services: IDs and keys
     (put("services", {}), "services: must not be empty"),
@@ -330,6 +345,7 @@ def test_the_base_config_loads_into_typed_values() -> None:
     assert (package.refill, package.cancel, package.dripfeed) == (False, False, False)
     assert followers.route == (Route("alpha", 101), Route("beta", 7))
     assert config.sync == Sync()
+    assert config.limits == Limits(add=600, status=1200, other=600, in_flight=32)
     with pytest.raises(TypeError):
         config.services[2] = followers  # type: ignore[index]
 
@@ -354,6 +370,11 @@ def test_the_same_id_as_int_and_string_is_a_duplicate() -> None:
 def test_sync_intervals_take_decimals_and_keep_defaults() -> None:
     config = check(edited(put("sync", {"status_interval": 0.2, "catalogue_interval": 60})))
     assert config.sync == Sync(status_interval=0.2, catalogue_interval=60.0)
+
+
+def test_limits_keep_the_defaults_of_the_keys_left_out() -> None:
+    config = check(edited(put("limits", {"add": 30, "in_flight": 4})))
+    assert config.limits == Limits(add=30, status=1200, other=600, in_flight=4)
 
 
 def test_every_problem_is_reported_at_once() -> None:

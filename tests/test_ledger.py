@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from router import v2
+from router.config import Limits
 from router.store import NewOrder, StoreError
 from tests.conftest import RouterFactory, SimFactory, service
 
@@ -17,7 +18,11 @@ async def test_200_concurrent_adds_for_50_orders_worth(
     start_sim: SimFactory, start_router: RouterFactory
 ) -> None:
     sim = await start_sim()
-    router = await start_router({"alpha": sim.url}, [service(1, [("alpha", 101)], rate="1.00")])
+    router = await start_router(
+        {"alpha": sim.url},
+        [service(1, [("alpha", 101)], rate="1.00")],
+        limits=Limits(in_flight=200),  # all 200 at once: the ledger is under test, not limits
+    )
     key = await router.reseller("acme", "50")
 
     answers = await asyncio.gather(
