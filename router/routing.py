@@ -263,7 +263,7 @@ def _round_half_up(numerator: int, denominator: int) -> int:
 
 def strategy_of(config: Config, service: Service) -> Strategy:
     """The service's own strategy, else routing.strategy."""
-    return service.strategy or config.routing.strategy
+    return config.routing.strategy if service.strategy is None else service.strategy
 
 
 def min_margin_of(config: Config, service: Service) -> Decimal | None:
