@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from enum import Enum, StrEnum
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +36,13 @@ DEFAULT_OTHER_PER_MINUTE: Final = 600
 DEFAULT_IN_FLIGHT: Final = 32
 MAX_PER_MINUTE: Final = 1_000_000
 MAX_IN_FLIGHT: Final = 10_000
+DEFAULT_HEALTH_WINDOW: Final = 60.0
+DEFAULT_MIN_CALLS: Final = 5
+DEFAULT_FAILURE_RATIO: Final = Decimal("0.5")
+DEFAULT_COOLDOWN: Final = 30.0
+DEFAULT_MIN_MARGIN: Final = Decimal(0)
+MAX_MIN_CALLS: Final = 10_000
+MAX_WEIGHT: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +71,32 @@ class Provider:
     key: Secret
     timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     currency: str = "USD"
+    daily_spend_cap: Decimal | None = None  # in Config.currency, per UTC day; None: no cap
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     provider: str
     service: int
+    weight: int | None = None  # the `weighted` strategy's share; required for weighted services
+
+
+class Strategy(StrEnum):
+    """How a service orders the routes that remain eligible for an order."""
+
+    RANKED = "ranked"  # as listed
+    CHEAPEST = "cheapest"  # by this order's live upstream cost, ties by rank
+    WEIGHTED = "weighted"  # the first at random by `weight`, the rest by rank
+    QUALITY = "quality"  # by delivered share over the last days, exploring a few orders
+
+
+class Inherit(Enum):
+    """The marker of a per-service key left out: the `routing:` default applies."""
+
+    INHERIT = "inherit"
+
+
+INHERIT: Final = Inherit.INHERIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +112,9 @@ class Service:
     cancel: bool
     dripfeed: bool
     route: tuple[Route, ...]
+    strategy: Strategy | None = None  # None: routing.strategy
+    # A share of the charge: INHERIT takes routing.min_margin; None (YAML null): no floor.
+    min_margin: Decimal | Inherit | None = INHERIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +141,25 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """The breaker per provider, judged on its `add` calls."""
+
+    window: float = DEFAULT_HEALTH_WINDOW  # seconds of recent outcomes
+    min_calls: int = DEFAULT_MIN_CALLS  # no verdict on fewer calls than this in the window
+    failure_ratio: Decimal = DEFAULT_FAILURE_RATIO  # the failed share that opens the breaker
+    cooldown: float = DEFAULT_COOLDOWN  # seconds open before a `balance` call probes it
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """The defaults of every service; each may override them."""
+
+    strategy: Strategy = Strategy.RANKED
+    # A route whose upstream cost for an order > charge x (1 - min_margin) is skipped.
+    min_margin: Decimal = DEFAULT_MIN_MARGIN
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listener
     metrics: Listener
@@ -120,6 +170,8 @@ class Config:
     fx: Mapping[str, Decimal] = field(default_factory=dict)
     sync: Sync = field(default_factory=Sync)
     limits: Limits = field(default_factory=Limits)
+    health: Health = field(default_factory=Health)
+    routing: Routing = field(default_factory=Routing)
 
 
 class ConfigError(Exception):
@@ -476,6 +528,43 @@ _QUANTITY: Final = partial(
 _UPSTREAM_ID: Final = partial(_integer, low=1, high=v2.MAX_ID, what="a positive integer service ID")
 _RATE: Final = partial(_decimal, places=v2.MONEY_PLACES)
 _FX_RATE: Final = partial(_decimal, positive=True)
+_SPEND_CAP: Final = partial(_decimal, positive=True, places=v2.MONEY_PLACES)
+_WEIGHT: Final = partial(
+    _integer, low=1, high=MAX_WEIGHT, what=f"a positive integer weight up to {MAX_WEIGHT}"
+)
+_MIN_CALLS: Final = partial(
+    _integer, low=1, high=MAX_MIN_CALLS, what=f"an integer from 1 to {MAX_MIN_CALLS}"
+)
+_STRATEGIES: Final = ", ".join(Strategy)
+
+
+def _strategy(value: object) -> Strategy:
+    name = _text(value)
+    try:
+        return Strategy(name)
+    except ValueError:
+        _fail(f"unknown strategy '{name}' (expected one of: {_STRATEGIES})")
+
+
+def _failure_ratio(value: object) -> Decimal:
+    ratio = _decimal(value, positive=True)
+    if ratio > 1:
+        _fail("must be at most 1 (a share of the calls in the window)")
+    return ratio
+
+
+def _min_margin(value: object) -> Decimal:
+    """A share of the charge in [0, 1). A loss is allowed only on purpose: `null` on a service."""
+    if value is None:
+        _fail('expected a decimal string such as "0.10" (null, no floor, is for a service only)')
+    margin = _decimal(value)
+    if margin >= 1:
+        _fail("must be less than 1: a floor of 1 or more refuses every route that costs anything")
+    return margin
+
+
+def _service_min_margin(value: object) -> Decimal | None:
+    return None if value is None else _min_margin(value)
 
 
 # --- Sections ------------------------------------------------------------------------------------
@@ -486,7 +575,7 @@ def _config(raw: object, *, base_dir: Path, env: Mapping[str, str]) -> Config:
     _substitute(raw, "", env, found)
     required = {"listen": _listener, "metrics": _listener, "database": _database}
     required |= {"currency": _currency, "providers": _table, "services": _table}
-    optional = {"fx": _fx, "sync": _sync, "limits": _limits}
+    optional = {"fx": _fx, "sync": _sync, "limits": _limits, "health": _health, "routing": _routing}
     top = found.check("", lambda value: _fields(value, found, required, optional), raw) or {}
     if top.get("listen") and top.get("listen") == top.get("metrics"):
         found.add("metrics", "same host and port as listen")
@@ -500,7 +589,11 @@ def _config(raw: object, *, base_dir: Path, env: Mapping[str, str]) -> Config:
         check = partial(_providers, currency, fx)
         top["providers"] = found.check("providers", check, top["providers"])
     if top.get("services"):
-        top["services"] = found.check("services", partial(_services, declared), top["services"])
+        # A service without its own strategy takes routing's; unknown when `routing` is broken.
+        routing = top.get("routing", Routing())
+        default = routing.strategy if routing else None
+        services = partial(_services, declared, default)
+        top["services"] = found.check("services", services, top["services"])
     found.done()
     for key in ("providers", "services", "fx"):
         top[key] = MappingProxyType(top.get(key, {}))
@@ -538,6 +631,22 @@ def _limits(value: object) -> Limits:
     return Limits(**fields)
 
 
+def _health(value: object) -> Health:
+    found = _Found()
+    checks: dict[str, _Check] = {"window": _seconds, "cooldown": _seconds}
+    checks |= {"min_calls": _MIN_CALLS, "failure_ratio": _failure_ratio}
+    fields = _fields(value, found, _NO_CHECKS, checks)
+    found.done()
+    return Health(**fields)
+
+
+def _routing(value: object) -> Routing:
+    found = _Found()
+    fields = _fields(value, found, _NO_CHECKS, {"strategy": _strategy, "min_margin": _min_margin})
+    found.done()
+    return Routing(**fields)
+
+
 def _fx(value: object) -> dict[str, Decimal]:
     found = _Found()
     rates: dict[str, Decimal] = {}
@@ -568,7 +677,9 @@ def _provider(
 ) -> Provider:
     found = _Found()
     required = {"url": _url, "key": lambda key: Secret(_text(key))}
-    fields = _fields(value, found, required, {"timeout": _seconds, "currency": _currency})
+    optional: dict[str, _Check] = {"timeout": _seconds, "currency": _currency}
+    optional["daily_spend_cap"] = _SPEND_CAP
+    fields = _fields(value, found, required, optional)
     own = fields.setdefault("currency", currency)
     # Without a valid top-level currency and fx table there is nothing sound to compare.
     if own and currency and fx is not None and own != currency and own not in fx:
@@ -577,7 +688,9 @@ def _provider(
     return Provider(name=name, **fields)
 
 
-def _services(declared: set[Any] | None, table: dict[Any, Any]) -> dict[int, Service]:
+def _services(
+    declared: set[Any] | None, default: Strategy | None, table: dict[Any, Any]
+) -> dict[int, Service]:
     found = _Found()
     services: dict[int, Service] = {}
     for key, value in table.items():
@@ -586,7 +699,8 @@ def _services(declared: set[Any] | None, table: dict[Any, Any]) -> dict[int, Ser
             found.add(str(key), f"expected a positive integer service ID, got {key!r}")
         elif service_id in services:
             found.add(str(key), f"service ID {service_id} is defined twice")
-        service = found.check(str(key), partial(_service, service_id or 0, declared), value)
+        check = partial(_service, service_id or 0, declared, default)
+        service = found.check(str(key), check, value)
         if service_id is not None:
             services.setdefault(service_id, service)
     found.done()
@@ -602,23 +716,35 @@ def _service_id(key: object) -> int | None:
     return None
 
 
-def _service(service_id: int, declared: set[Any] | None, value: object) -> Service:
+def _service(
+    service_id: int, declared: set[Any] | None, default: Strategy | None, value: object
+) -> Service:
+    """One service; `default` is routing.strategy (None when that is broken: not checked)."""
     found = _Found()
     required: dict[str, _Check] = {"name": _text, "category": _text, "type": _service_type}
     required |= {"rate": _RATE, "min": _QUANTITY, "max": _QUANTITY}
     required["route"] = partial(_route, declared)
-    fields = _fields(value, found, required, dict.fromkeys(_SERVICE_FLAGS, _flag))
+    optional: dict[str, _Check] = dict.fromkeys(_SERVICE_FLAGS, _flag)
+    optional |= {"strategy": _strategy, "min_margin": _service_min_margin}
+    fields = _fields(value, found, required, optional)
     low, high, kind = fields.get("min"), fields.get("max"), fields.get("type")
     if low and high and low > high:
         found.add("min", f"min {low} is greater than max {high}")
     if fields.get("dripfeed") and kind and not v2.SERVICE_TYPES[kind].dripfeed:
         found.add("dripfeed", f"type '{kind}' does not support drip-feed")
+    # A weighted draw over routes without weights would be a guess: say so where it is missing.
+    strategy = fields.get("strategy", default)
+    if strategy is Strategy.WEIGHTED:
+        why = "strategy" if "strategy" in fields else "routing.strategy"
+        for index, route in enumerate(fields.get("route") or ()):
+            if route.weight is None:
+                found.add(f"route[{index}].weight", f"required key is missing ({why}: weighted)")
     found.done()
     return Service(id=service_id, **{**_SERVICE_FLAGS, **fields})
 
 
 def _route(declared: set[Any] | None, value: object) -> tuple[Route, ...]:
-    """Ranked entries {provider, service}: known providers, each at most once."""
+    """Ranked entries {provider, service, weight}: known providers, each at most once."""
     if not isinstance(value, list):
         _fail(f"expected a list of {{provider, service}}, got {_kind(value)}")
     if not value:
@@ -634,7 +760,9 @@ def _route(declared: set[Any] | None, value: object) -> tuple[Route, ...]:
 def _hop(declared: set[Any] | None, earlier: list[str], value: object) -> Route:
     """One entry of a route; `earlier` collects the providers named before it."""
     found = _Found()
-    fields = _fields(value, found, {"provider": _text, "service": _UPSTREAM_ID})
+    fields = _fields(
+        value, found, {"provider": _text, "service": _UPSTREAM_ID}, {"weight": _WEIGHT}
+    )
     name = fields.get("provider")
     if name and declared is not None and name not in declared:
         found.add("provider", f"unknown provider '{name}'")

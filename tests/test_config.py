@@ -13,11 +13,15 @@ import yaml
 
 from router.config import (
     DEFAULT_UPSTREAM_TIMEOUT,
+    INHERIT,
     Config,
     ConfigError,
+    Health,
     Limits,
     Route,
+    Routing,
     Secret,
+    Strategy,
     Sync,
     default_config_path,
     load,
@@ -139,6 +143,10 @@ SECONDS = "expected a positive number of seconds"
 CURRENCY = "expected a currency code of 3 capital letters"
 PER_MINUTE = "expected a positive integer up to 1000000"
 SUBSCRIPTIONS = "type 'Subscriptions' is not supported yet (it needs per-post billing)"
+STRATEGY = "(expected one of: ranked, cheapest, weighted, quality)"
+MARGIN_NULL = 'expected a decimal string such as "0.10" (null, no floor, is for a service only)'
+MARGIN_HIGH = "must be less than 1: a floor of 1 or more refuses every route that costs anything"
+WEIGHT = "expected a positive integer weight up to 1000000"
 
 RULES = [
     # top level
@@ -201,6 +209,26 @@ RULES = [
     (put("providers.alpha.timeout", "15"), f"providers.alpha.timeout: {SECONDS}, got a string"),
     (put("providers.alpha.currency", "dollar"), f"providers.alpha.currency: {CURRENCY}"),
     (put("providers.beta.currency", "GBP"), "providers.beta.currency: no fx rate for GBP"),
+    (
+        put("providers.alpha.daily_spend_cap", "0"),
+        "providers.alpha.daily_spend_cap: must be greater than 0",
+    ),
+    (
+        put("providers.alpha.daily_spend_cap", "-5"),
+        "providers.alpha.daily_spend_cap: must be greater than 0",
+    ),
+    (
+        put("providers.alpha.daily_spend_cap", 500.5),
+        f"providers.alpha.daily_spend_cap: {FLOAT_RATE}",
+    ),
+    (
+        put("providers.alpha.daily_spend_cap", None),
+        'providers.alpha.daily_spend_cap: expected a decimal string such as "0.90", got nothing',
+    ),
+    (
+        put("providers.alpha.daily_spend_cap", "0.000001"),
+        "providers.alpha.daily_spend_cap: has 6 decimal places, at most 5 are allowed",
+    ),
     (drop("fx"), "providers.beta.currency: no fx rate for EUR"),
     # fx
     (put("fx", ["EUR"]), "fx: expected a mapping, got a list"),
@@ -235,6 +263,40 @@ RULES = [
         put("limits", {"in_flight": 0}),
         "limits.in_flight: expected a positive integer up to 10000, got 0",
     ),
+    # health
+    (put("health", None), "health: expected a mapping, got nothing"),
+    (put("health", {"speed": 3}), "health.speed: unknown key"),
+    (put("health", {"window": 0}), f"health.window: {SECONDS}, got 0"),
+    (put("health", {"cooldown": "30"}), f"health.cooldown: {SECONDS}, got a string"),
+    (
+        put("health", {"min_calls": 0}),
+        "health.min_calls: expected an integer from 1 to 10000, got 0",
+    ),
+    (
+        put("health", {"min_calls": 2.5}),
+        "health.min_calls: expected an integer from 1 to 10000, got a float",
+    ),
+    (put("health", {"failure_ratio": 0.5}), f"health.failure_ratio: {FLOAT_RATE}"),
+    (put("health", {"failure_ratio": "0"}), "health.failure_ratio: must be greater than 0"),
+    (
+        put("health", {"failure_ratio": "1.5"}),
+        "health.failure_ratio: must be at most 1 (a share of the calls in the window)",
+    ),
+    # routing
+    (put("routing", "ranked"), "routing: expected a mapping, got a string"),
+    (put("routing", {"colour": "red"}), "routing.colour: unknown key"),
+    (
+        put("routing", {"strategy": "fastest"}),
+        f"routing.strategy: unknown strategy 'fastest' {STRATEGY}",
+    ),
+    (
+        put("routing", {"strategy": "Ranked"}),
+        f"routing.strategy: unknown strategy 'Ranked' {STRATEGY}",
+    ),
+    (put("routing", {"min_margin": None}), f"routing.min_margin: {MARGIN_NULL}"),
+    (put("routing", {"min_margin": "1"}), f"routing.min_margin: {MARGIN_HIGH}"),
+    (put("routing", {"min_margin": "-0.05"}), "routing.min_margin: must not be negative"),
+    (put("routing", {"min_margin": 0.1}), f"routing.min_margin: {FLOAT_RATE}"),
     # services: IDs and keys
     (put("services", {}), "services: must not be empty"),
     (put("services", [service("Default")]), "services: expected a mapping, got a list"),
@@ -303,7 +365,26 @@ RULES = [
         "services.1.route: expected a list of {provider, service}, got a mapping",
     ),
     (put("services.1.route.0", "alpha"), "services.1.route[0]: expected a mapping, got a string"),
-    (put("services.1.route.0.weight", 2), "services.1.route[0].weight: unknown key"),
+    (put("services.1.route.0.weight", 0), f"services.1.route[0].weight: {WEIGHT}, got 0"),
+    (put("services.1.route.0.weight", "70"), f"services.1.route[0].weight: {WEIGHT}, got a string"),
+    (put("services.1.route.0.weight", 0.7), f"services.1.route[0].weight: {WEIGHT}, got a float"),
+    (
+        put("services.1.route.0.weight", 10**7),
+        f"services.1.route[0].weight: {WEIGHT}, got 10000000",
+    ),
+    # strategy, min_margin and weights
+    (
+        put("services.1.strategy", "best"),
+        f"services.1.strategy: unknown strategy 'best' {STRATEGY}",
+    ),
+    (put("services.1.strategy", None), "services.1.strategy: expected a string, got nothing"),
+    (put("services.1.min_margin", "1.5"), f"services.1.min_margin: {MARGIN_HIGH}"),
+    (put("services.1.min_margin", "-1"), "services.1.min_margin: must not be negative"),
+    (put("services.1.min_margin", 0.2), f"services.1.min_margin: {FLOAT_RATE}"),
+    (
+        [put("services.12.strategy", "weighted"), put("services.12.route.0.weight", 3)],
+        "services.12.route[1].weight: required key is missing (strategy: weighted)",
+    ),
     (drop("services.1.route.0.service"), "services.1.route[0].service: required key is missing"),
     (
         put("services.12.route.1.provider", "gamma"),
@@ -375,6 +456,69 @@ def test_sync_intervals_take_decimals_and_keep_defaults() -> None:
 def test_limits_keep_the_defaults_of_the_keys_left_out() -> None:
     config = check(edited(put("limits", {"add": 30, "in_flight": 4})))
     assert config.limits == Limits(add=30, status=1200, other=600, in_flight=4)
+
+
+def test_health_and_routing_default_when_left_out() -> None:
+    config = check(base())
+    assert config.health == Health(window=60.0, min_calls=5, failure_ratio=Decimal("0.5"))
+    assert config.health.cooldown == 30.0
+    assert config.routing == Routing(strategy=Strategy.RANKED, min_margin=Decimal(0))
+    assert config.providers["alpha"].daily_spend_cap is None
+    followers = config.services[1]
+    assert followers.strategy is None and followers.min_margin is INHERIT
+    assert all(route.weight is None for route in followers.route)
+
+
+def test_health_routing_caps_overrides_and_weights_load() -> None:
+    config = check(
+        edited(
+            put("health", {"window": 0.5, "min_calls": 3, "failure_ratio": "1", "cooldown": 0.2}),
+            put("routing", {"strategy": "cheapest", "min_margin": "0.05"}),
+            put("providers.alpha.daily_spend_cap", "500"),
+            put("providers.beta.daily_spend_cap", 20),
+            put("services.1.strategy", "weighted"),
+            put("services.1.min_margin", "0.10"),
+            put("services.1.route.0.weight", 70),
+            put("services.1.route.1.weight", 30),
+            put("services.12.min_margin", None),
+        )
+    )
+    assert config.health == Health(window=0.5, min_calls=3, failure_ratio=Decimal(1), cooldown=0.2)
+    assert config.routing == Routing(strategy=Strategy.CHEAPEST, min_margin=Decimal("0.05"))
+    assert config.providers["alpha"].daily_spend_cap == Decimal(500)
+    assert config.providers["beta"].daily_spend_cap == Decimal(20)
+    followers, package = config.services[1], config.services[12]
+    assert followers.strategy is Strategy.WEIGHTED and followers.strategy == "weighted"
+    assert followers.min_margin == Decimal("0.10")
+    assert followers.route == (Route("alpha", 101, weight=70), Route("beta", 7, weight=30))
+    assert package.strategy is None  # takes routing.strategy
+    assert package.min_margin is None  # null: no floor for this service
+
+
+def test_a_weight_is_allowed_on_a_service_that_does_not_use_it() -> None:
+    """Switching a service to `weighted` and back is then a one-line change."""
+    config = check(edited(put("services.1.route.0.weight", 5)))
+    assert config.services[1].strategy is None
+    assert config.services[1].route[0] == Route("alpha", 101, weight=5)
+
+
+def test_a_weighted_default_needs_a_weight_on_every_route_that_inherits_it() -> None:
+    data = edited(
+        put("routing", {"strategy": "weighted"}),
+        put("services.1.route.0.weight", 1),
+        put("services.12.strategy", "ranked"),  # its own strategy: no weights needed
+    )
+    assert errors(data) == [
+        "services.1.route[1].weight: required key is missing (routing.strategy: weighted)"
+    ]
+    data["services"][1]["route"][1]["weight"] = 2
+    assert check(data).services[1].route[1].weight == 2
+
+
+def test_a_broken_routing_section_does_not_also_fail_every_weight() -> None:
+    assert errors(edited(put("routing", {"strategy": "weighed"}))) == [
+        f"routing.strategy: unknown strategy 'weighed' {STRATEGY}"
+    ]
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -642,6 +786,23 @@ def test_the_annotated_example_loads() -> None:
     assert "sync" in path.read_text() and config.fx
     assert len({service.type for service in config.services.values()}) >= 4
     assert any(len(service.route) > 1 for service in config.services.values())
+
+
+def test_the_annotated_example_shows_health_strategies_floors_and_caps() -> None:
+    path = CONFIG_DIR / "example.yaml"
+    config = load(path, env=env_for(path))
+    text = path.read_text()
+    assert "health:" in text and "routing:" in text and config.health == Health()
+    assert config.routing == Routing()
+    services = config.services.values()
+    assert {s.strategy for s in services} >= {
+        Strategy.CHEAPEST,
+        Strategy.WEIGHTED,
+        Strategy.QUALITY,
+    }
+    assert any(s.min_margin is None for s in services)
+    assert any(isinstance(s.min_margin, Decimal) for s in services)
+    assert any(p.daily_spend_cap is not None for p in config.providers.values())
 
 
 def test_the_local_config_loads() -> None:
