@@ -442,6 +442,43 @@ async def test_an_unusable_status_answer_marks_its_orders_and_the_pass_goes_on(
     assert await balances_match(router) == v2.to_minor(Decimal(10)) - 100 * (PAGE + 2)
 
 
+async def test_a_provider_in_trouble_leaves_its_orders_due(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """No usable answer because of the provider (a CDN's 502): nothing is recorded on its
+    orders, they stay due for the next pass, and the rest of its pass waits for it; another
+    provider syncs meanwhile."""
+    bad = await start_sim(partial_every=0)
+    good = await start_sim(partial_every=0)
+    clock = SteppedClock()
+    router = await open_router(
+        start_router,
+        clock,
+        {"bad": bad.url, "good": good.url},
+        [service(1, [("bad", 101), ("good", 101)])],
+    )
+    await router.reseller("acme", "10")
+    reseller = await router.store.reseller_by_name("acme")
+    assert reseller is not None
+    on_bad = await _bulk_orders(router, bad, "bad", PAGE + 1, reseller.id)
+    [on_good] = await _bulk_orders(router, good, "good", 1, reseller.id)
+    bad.advance(bad.progress_seconds)
+    good.advance(good.progress_seconds)
+    bad.set_answer_fault("status", Fault.HTML_502)
+
+    await sync_round(router, clock)
+
+    assert 1 <= len(bad.received_actions("status")) <= 2  # both pages may be in flight at once
+    due = await router.store.orders_due("bad", due_by=clock.now, limit=2 * PAGE)
+    assert [order.id for order in due] == list(on_bad)
+    assert all(order.sync_problem is None for order in due)
+    assert (await router.store.order(on_good)).status == "Completed"  # type: ignore[union-attr]
+
+    bad.set_answer_fault("status", None)
+    await sync_round(router, clock)
+    assert {(await router.store.order(i)).status for i in on_bad} == {"Completed"}  # type: ignore[union-attr]
+
+
 async def test_old_orders_are_checked_less_often(
     start_sim: SimFactory, start_router: RouterFactory
 ) -> None:
