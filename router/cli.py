@@ -26,7 +26,7 @@ from router import logs, v2
 from router.api import hash_key
 from router.config import Config, ConfigError
 from router.metrics import Metrics
-from router.orders import OrderDesk, ResolveRefused, reseller_status
+from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_status
 from router.routing import ProviderState
 from router.store import Order, Store, StoreError
 from router.sync.providers import ProviderReport, ProviderWatcher, check_online, provider_report
@@ -396,12 +396,16 @@ def _order_json(order: Order, reseller: str | None) -> dict[str, Any]:
 
 
 async def order_report(store: Store, order_id: int) -> dict[str, Any]:
-    """`orders show`: the order, its attempts, its history and its ledger rows."""
+    """`orders show`: the order, why it is held (null unless held), its attempts, its
+    history and its ledger rows."""
     order = await store.order(order_id)
     if order is None:
         raise CommandError(f"no order {order_id}")
+    attempts = await store.attempts(order_id)
+    held = held_reason(order, attempts)
     return {
         "order": _order_json(order, await store.reseller_name(order.reseller_id)),
+        "held": None if held is None else {"interrupted": held.interrupted, "reason": held.reason},
         "attempts": [
             {
                 "rank": a.rank,
@@ -413,7 +417,7 @@ async def order_report(store: Store, order_id: int) -> dict[str, Any]:
                 "upstream_order": a.upstream_order,
                 "error": a.error,
             }
-            for a in await store.attempts(order_id)
+            for a in attempts
         ],
         "events": [
             {"at": _when(e.at), "kind": e.kind, "status": e.status, "detail": e.detail}
@@ -485,7 +489,7 @@ def cmd_orders_held(args: argparse.Namespace) -> int:
                 **d,
                 "held_on": f"{h.provider} service {h.upstream_service}",
                 "age": _age(now - h.created_at),
-                "error": _cell(h.error or "no answer recorded (stopped mid-call)"),
+                "error": _cell(h.error or "no answer recorded: the upstream may hold it"),
             }
             for h, d in zip(held, documents, strict=True)
         ]
@@ -512,6 +516,7 @@ def cmd_orders_show(args: argparse.Namespace) -> int:
         ("remains", "-" if o["remains"] is None else o["remains"]),
         ("created", o["created_at"]),
         ("request", o["request_id"] or "-"),
+        *([("held", report["held"]["reason"])] if report["held"] else []),
     ):
         print(f"  {label:<9} {value}")
     attempt_columns = ["rank", "provider", "upstream_service", "started_at", "latency"]

@@ -10,10 +10,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
 import structlog
@@ -22,7 +23,15 @@ from router import routing, v2
 from router.config import Config, Route, Service
 from router.metrics import Metrics
 from router.routing import ProviderState
-from router.store import Attempt, DuplicateRequest, NewOrder, Order, Reseller, Store
+from router.store import (
+    Attempt,
+    DuplicateRequest,
+    NewOrder,
+    Order,
+    Reseller,
+    Store,
+    UpstreamOrderTaken,
+)
 from router.upstream import Outcome, UpstreamClient, UpstreamError, UpstreamRefused
 
 log = structlog.get_logger("router.orders")
@@ -119,6 +128,47 @@ def reseller_status(order: Order) -> str:
     """The v2 word a reseller sees: an order not yet placed upstream is Pending; a held order
     the operator canceled shows its Canceled."""
     return order.status if order.state in ("placed", "canceled") else v2.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class HeldReason:
+    """Why an order is held, for the operator (`smm-router orders show`)."""
+
+    interrupted: bool  # no answer recorded from the route it is held on: its process stopped
+    reason: str
+
+
+def held_reason(order: Order, attempts: Sequence[Attempt]) -> HeldReason | None:
+    """Why `order` is held, from its attempts (oldest first); None when it is not held.
+
+    Attempts are stored when a placement settles: a process that stopped mid-call, or before it
+    could store the answer, leaves none for the route it was trying.
+    """
+    if order.state != "held":
+        return None
+    last = attempts[-1] if attempts else None
+    route = f"{order.provider} (service {order.upstream_service})"
+    if last is None or (last.provider, last.upstream_service) != (
+        order.provider,
+        order.upstream_service,
+    ):
+        return HeldReason(
+            True,
+            f"no answer recorded from {route}: the process placing it stopped during the call "
+            f"or before it could store the answer, so {order.provider} may hold this order. "
+            f"Look for the log line `order_accepted` with order_id {order.id} (it carries the "
+            f"upstream_order), or ask {order.provider}; then `smm-router orders resolve "
+            f"{order.id} --upstream-order N`, or if it has none, --reroute or --refund",
+        )
+    if last.outcome != Outcome.ACCEPTED:
+        return HeldReason(False, f"{route} answered: {last.error or last.outcome}")
+    if last.error is not None:  # its upstream order is another local order's
+        return HeldReason(False, f"{route} accepted it, but {last.error}: ask {order.provider}")
+    return HeldReason(  # accepted, but a restart had held it meanwhile
+        False,
+        f"{route} accepted it as upstream order {last.upstream_order} after it was held: "
+        f"`smm-router orders resolve {order.id} --upstream-order {last.upstream_order}`",
+    )
 
 
 class ResolveRefused(Exception):
@@ -276,31 +326,23 @@ class OrderDesk:
                 backoff=self.config.sync.no_funds_backoff,
             )
             if result.outcome is Outcome.ACCEPTED:
-                await self.store.settle_order(
-                    order_id,
-                    state="placed",
-                    attempts=attempts,
-                    provider=route.provider,
-                    upstream_service=route.service,
-                    upstream_order=result.upstream_order,
-                    event=event(
-                        f"placed on {route.provider} (service {route.service}) "
-                        f"as upstream order {result.upstream_order}"
-                    ),
+                assert result.upstream_order is not None
+                state = await self._settle_accepted(
+                    order_id, attempts, route, result.upstream_order, event, rerouted_by
                 )
-                self.metrics.orders.labels(service=str(service.id), state="placed").inc()
+                self.metrics.orders.labels(service=str(service.id), state=state).inc()
                 return order_id
             if not routing.fails_over(result.outcome):
-                await self.store.settle_order(
+                await self._settle(
                     order_id,
-                    state="held",
-                    attempts=attempts,
-                    provider=route.provider,
-                    upstream_service=route.service,
+                    "held",
+                    attempts,
+                    route=route,
                     event=event(
                         f"outcome unknown at {route.provider} (service {route.service}): "
                         f"{result.error}; held again"
                     ),
+                    rerouted_by=rerouted_by,
                 )
                 self.metrics.orders.labels(service=str(service.id), state="held").inc()
                 log.warning(
@@ -311,17 +353,123 @@ class OrderDesk:
                 service=str(service.id), provider=route.provider, reason=str(result.outcome)
             ).inc()
         if rerouted_by is not None:
-            await self.store.settle_order(
+            await self._settle(
                 order_id,
-                state="canceled",
-                attempts=attempts,
+                "canceled",
+                attempts,
                 event=event("every route refused it; canceled and refunded"),
+                rerouted_by=rerouted_by,
             )
             self.metrics.orders.labels(service=str(service.id), state="canceled").inc()
             return order_id
-        await self.store.settle_order(order_id, state="failed", attempts=attempts)
+        stored = await self._settle(order_id, "failed", attempts)
         self.metrics.orders.labels(service=str(service.id), state="failed").inc()
+        if not stored:
+            # Its funds stay reserved under it until the operator refunds it (it will be held):
+            # the reseller is told of the order rather than left with less money and no order.
+            return order_id
         raise v2.V2Error(v2.UNAVAILABLE)
+
+    async def _settle_accepted(
+        self,
+        order_id: int,
+        attempts: list[Attempt],
+        route: Route,
+        upstream_order: int,
+        event: Callable[[str], str | None],
+        rerouted_by: str | None,
+    ) -> str:
+        """Store an order the upstream holds now; the state it ends in (placed, or held).
+
+        Its upstream ID goes to the log before anything that can fail: if the settle is never
+        stored (or the process dies first), the order is held on restart and that line is
+        where the operator finds what to attach.
+        """
+        with contextlib.suppress(Exception):  # a broken log sink must not stop the settle
+            log.info(
+                "order_accepted",
+                order_id=order_id,
+                provider=route.provider,
+                upstream_service=route.service,
+                upstream_order=upstream_order,
+            )
+        where = f"on {route.provider} (service {route.service}) as upstream order {upstream_order}"
+        try:
+            await self._settle(
+                order_id,
+                "placed",
+                attempts,
+                route=route,
+                upstream_order=upstream_order,
+                event=event(f"placed {where}"),
+                rerouted_by=rerouted_by,
+            )
+            return "placed"
+        except UpstreamOrderTaken as taken:
+            # Another local order has this upstream order (an upstream that reuses IDs, or a
+            # bug): a second one would charge twice for one delivery. Held for the operator;
+            # the accepted attempt keeps the upstream ID and says why.
+            attempts[-1] = replace(attempts[-1], error=str(taken))
+            with contextlib.suppress(Exception):
+                log.error(
+                    "upstream_order_taken",
+                    order_id=order_id,
+                    provider=route.provider,
+                    upstream_order=upstream_order,
+                    holder=taken.holder,
+                )
+            await self._settle(
+                order_id,
+                "held",
+                attempts,
+                route=route,
+                event=event(f"accepted {where}, but {taken}; held again"),
+                rerouted_by=rerouted_by,
+            )
+            return "held"
+
+    async def _settle(
+        self,
+        order_id: int,
+        state: str,
+        attempts: Sequence[Attempt],
+        *,
+        route: Route | None = None,
+        upstream_order: int | None = None,
+        event: str | None = None,
+        rerouted_by: str | None = None,
+    ) -> bool:
+        """Settle the placement (the store retries it until it is stored); whether it was.
+
+        For a reseller's `add`, a settle that could not be stored is logged and the order left
+        `placing`: the sweep or the next start-up holds it, and the reseller still gets its ID
+        (an error would make its panel send the order again). An operator's re-route raises.
+        """
+        try:
+            await self.store.settle_order(
+                order_id,
+                state=state,
+                attempts=attempts,
+                provider=None if route is None else route.provider,
+                upstream_service=None if route is None else route.service,
+                upstream_order=upstream_order,
+                event=event,
+            )
+        except UpstreamOrderTaken:
+            raise
+        except Exception:
+            if rerouted_by is not None:
+                raise
+            with contextlib.suppress(Exception):
+                log.exception(
+                    "order_not_stored",
+                    order_id=order_id,
+                    state=state,
+                    provider=None if route is None else route.provider,
+                    upstream_order=upstream_order,
+                )
+            return False
+        return True
 
     # --- held orders: the operator's resolutions ----------------------------------------------
 

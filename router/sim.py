@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import heapq
 import hmac
+import json
 import random
 import socket
 import struct
@@ -38,7 +39,11 @@ CLOUDFLARE_502: Final = """<html>
 
 
 class Fault(StrEnum):
-    """What `add` does instead of its normal answer; "down" is SimProvider.stop()."""
+    """What `add` does instead of its normal answer; "down" is SimProvider.stop().
+
+    The answers that are not a v2 answer (html502, deep_json, not_utf8, waf403) can also replace
+    any other action's answer: SimProvider.set_answer_fault().
+    """
 
     REFUSE = "refuse"  # a definite refusal: nothing created
     NO_FUNDS = "no_funds"  # "Not enough funds on balance": nothing created
@@ -46,9 +51,23 @@ class Fault(StrEnum):
     SLOW = "slow"  # sleeps slow_seconds, then creates the order: a client timeout is ambiguous
     RESET = "reset"  # TCP reset without an answer: nothing created
     FLAKY = "flaky"  # at random (seeded): normal, refuse, html502 or slow
+    DEEP_JSON = "deep_json"  # creates the order, answers JSON nested DEEP_JSON_LEVELS deep
+    NOT_UTF8 = "not_utf8"  # creates the order, answers its JSON after bytes that are not UTF-8
+    WAF_403 = "waf403"  # HTTP 403 with a web firewall's HTML page: nothing created
 
 
 _FLAKY_CHOICES: Final = (None, Fault.REFUSE, Fault.HTML_502, Fault.SLOW)
+_ANSWER_FAULTS: Final = frozenset({Fault.HTML_502, Fault.DEEP_JSON, Fault.NOT_UTF8, Fault.WAF_403})
+DEEP_JSON_LEVELS: Final = 100_000
+NOT_UTF8_PREFIX: Final = b"\xff\xfe"  # a UTF-16 byte order mark before UTF-8 JSON: a broken encoder
+WAF_403: Final = """<html>
+<head><title>403 Forbidden</title></head>
+<body>
+<h1>Access denied</h1>
+<p>This request was blocked by the website's firewall. Reference #18.4e2c1b17.1717171717</p>
+</body>
+</html>
+"""
 
 
 _CATALOGUE: Final = (  # name, category, rate, min, max of each type, in v2.SERVICE_TYPES order
@@ -214,6 +233,7 @@ class SimProvider:
         self._offset = 0.0
         self._rng = random.Random(seed)
         self._faults: dict[int | None, Fault] = {}
+        self._answer_faults: dict[str, Fault] = {}
         self._stalled: set[str] = set()
         self._paused: dict[str, asyncio.Event] = {}
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
@@ -261,6 +281,26 @@ class SimProvider:
         else:
             self._faults[service] = fault
 
+    def set_answer_fault(self, action: str, fault: Fault | None) -> None:
+        """Answer every `action` request (one that is not `add`) with `fault`, an answer that
+        is not a v2 answer (html502, deep_json, not_utf8, waf403); None: answer normally."""
+        if fault is None:
+            self._answer_faults.pop(action, None)
+        elif fault not in _ANSWER_FAULTS or action == "add":
+            raise ValueError(f"{fault} is not an answer fault for {action!r}: use set_fault")
+        else:
+            self._answer_faults[action] = fault
+
+    def pause(self, action: str) -> None:
+        """Hold every `action` request, once received, until resume(action); then answer it as
+        usual. Tests use it to act while a call is at the provider."""
+        self._paused.setdefault(action, asyncio.Event())
+
+    def resume(self, action: str) -> None:
+        gate = self._paused.pop(action, None)
+        if gate is not None:
+            gate.set()
+
     def set_balance(self, amount: Decimal) -> None:
         self._balance = amount
 
@@ -271,17 +311,6 @@ class SimProvider:
             self._stalled.add(action)
         else:
             self._stalled.discard(action)
-
-    def pause(self, action: str) -> None:
-        """Keep every `action` request waiting (received, not yet answered) until
-        `resume(action)`, then answer it as usual: a provider as slow as a test needs."""
-        self._paused.setdefault(action, asyncio.Event())
-
-    def resume(self, action: str) -> None:
-        """Answer the `action` requests that `pause` kept waiting, and answer new ones at once."""
-        gate = self._paused.pop(action, None)
-        if gate is not None:
-            gate.set()
 
     def create_orders(
         self, service: int, count: int, *, quantity: int = 1000, link: str = "https://x.test/a"
@@ -326,9 +355,8 @@ class SimProvider:
         if self._runner is None:
             return
         self._stopping.set()  # slow answers in flight end as a reset
-        for gate in self._paused.values():
-            gate.set()  # and so do paused ones (a restart answers at once)
-        self._paused.clear()
+        for action in list(self._paused):  # paused ones end as a reset too
+            self.resume(action)
         runner, self._runner = self._runner, None
         await runner.cleanup()
         # Let clients on this loop see their pooled connections closed, so that "down" means
@@ -360,6 +388,8 @@ class SimProvider:
             handler = self._actions.get(action)
             if handler is None:
                 raise V2Error(v2.INCORRECT_REQUEST)
+            if (fault := self._answer_faults.get(action)) is not None:
+                return _spoiled(fault, handler(params))
             return web.json_response(handler(params))
         except V2Error as error:
             return web.json_response({"error": error.message})
@@ -377,6 +407,10 @@ class SimProvider:
             return web.Response(status=502, text=CLOUDFLARE_502, content_type="text/html")
         if fault is Fault.RESET:
             return _reset(request)
+        if fault is Fault.WAF_403:
+            return _spoiled(fault, None)
+        if fault in (Fault.DEEP_JSON, Fault.NOT_UTF8):  # the panel took it; its answer is garbled
+            return _spoiled(fault, {"order": self._place(service_id, params)})
         if fault is Fault.SLOW:
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.slow_seconds)
@@ -517,6 +551,19 @@ class SimProvider:
             ids = _id_items(params["refills"])
             return [{"refill": shown, "status": _try(status, refill)} for shown, refill in ids]
         return {"status": status(v2.parse_id(params.get("refill")))}
+
+
+def _spoiled(fault: Fault, payload: object) -> web.Response:
+    """An answer that is not a v2 answer; `payload` is the JSON it garbles, if any."""
+    if fault is Fault.HTML_502:
+        return web.Response(status=502, text=CLOUDFLARE_502, content_type="text/html")
+    if fault is Fault.WAF_403:
+        return web.Response(status=403, text=WAF_403, content_type="text/html")
+    if fault is Fault.DEEP_JSON:
+        body = ("[" * DEEP_JSON_LEVELS + "]" * DEEP_JSON_LEVELS).encode()
+    else:
+        body = NOT_UTF8_PREFIX + json.dumps(payload).encode()
+    return web.Response(body=body, content_type="application/json")
 
 
 def _try(answer: Callable[[int | None], object], item: int | None) -> object:

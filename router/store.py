@@ -21,6 +21,7 @@ itself, so neither a race nor the CLI can break them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -37,15 +38,33 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import aiosqlite
+import structlog
 
 from router import v2
 from router.upstream import CallRecord
 
 T = TypeVar("T")
 
+log = structlog.get_logger("router.store")
+
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
-BUSY_TIMEOUT_MS: Final = 10_000
 _BALANCE_CHECK: Final = "CHECK constraint failed: balance"  # resellers.balance >= 0 (0001)
+BUSY_TIMEOUT_MS: Final = 10_000  # a statement's wait for the write lock (Store.open's default)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRetry:
+    """How a write that must land (an order's settle: the upstream may hold the order) is
+    retried on an error that may pass (the database locked past the busy timeout, an I/O error,
+    a full disk): after `first` seconds, doubling up to `longest`, until `give_up_after` seconds
+    have passed. Each try also waits up to the busy timeout for the lock."""
+
+    first: float = 0.05
+    longest: float = 5.0
+    give_up_after: float = 3600.0
+
+
+SETTLE_RETRY: Final = WriteRetry()  # Store.open's default
 
 
 class StoreError(Exception):
@@ -58,6 +77,27 @@ class DuplicateRequest(StoreError):
     def __init__(self, first: Order) -> None:
         super().__init__(f"request ID already used by order {first.id}")
         self.first = first
+
+
+class UpstreamOrderTaken(StoreError):
+    """An upstream order that another local order already holds: nothing was stored.
+
+    The database has one local order per (provider, upstream order): a second one would be a
+    second charge for one delivery (or an upstream that reuses its IDs).
+    """
+
+    def __init__(self, provider: str, upstream_order: int, holder: int | None) -> None:
+        held_by = f"order {holder}" if holder is not None else "another order"
+        super().__init__(
+            f"upstream order {upstream_order} at {provider} already belongs to {held_by}"
+        )
+        self.provider = provider
+        self.upstream_order = upstream_order
+        self.holder = holder
+
+
+class NotStored(StoreError):
+    """A write that must land could not be stored within its WriteRetry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,20 +390,39 @@ class Store:
         writer: aiosqlite.Connection,
         statements: aiosqlite.Connection,
         reader: aiosqlite.Connection,
+        *,
+        settle_retry: WriteRetry | None = None,
     ) -> None:
         self._writer = writer  # transactions, under _write_lock
         self._statements = statements  # single autocommit statements, no lock
         self._reader = reader
         self._write_lock = asyncio.Lock()
+        self._settle_retry = settle_retry or SETTLE_RETRY
         self.owner = process_owner()  # written on the orders this process is placing
 
     @classmethod
-    async def open(cls, path: Path | str) -> Store:
-        """Connect, switch to WAL, apply pending migrations."""
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        busy_timeout_ms: int | None = None,
+        settle_retry: WriteRetry | None = None,
+    ) -> Store:
+        """Connect, switch to WAL, apply pending migrations.
+
+        `busy_timeout_ms` (default BUSY_TIMEOUT_MS) and `settle_retry` (default SETTLE_RETRY)
+        are read when the store opens: tests that lock the database shorten them.
+        """
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
+        busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
+        writer = await _connect(path, busy)
         await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-        store = cls(writer, await _connect(path), await _connect(path))
+        store = cls(
+            writer,
+            await _connect(path, busy),
+            await _connect(path, busy),
+            settle_retry=settle_retry or SETTLE_RETRY,
+        )
         await store._migrate()
         return store
 
@@ -592,43 +651,89 @@ class Store:
         the charge in the same transaction; `canceled` (a held order the operator re-routed and
         no route took) refunds it too, and its reseller sees Canceled. `event` (an operator's
         re-route) becomes a 'resolve' row of the order's history, in the same transaction.
+
+        The upstream may hold the order by now, so the write is retried until it is stored (see
+        WriteRetry); NotStored when it never was. UpstreamOrderTaken when `placed` would give
+        the upstream order a second local order: then nothing is stored.
         """
         assert state in ("placed", "held", "failed", "canceled")
-        now = time.time()
         # One statement records the attempts whatever the order's state (an attempt may have
-        # created an upstream order: it must never be lost) and moves the order only if it is
-        # still `placing` (a restart meanwhile held it: the operator resolves it again).
+        # created an upstream order: it must never be lost) and moves the order only if this
+        # process is still placing it. A restart (or the sweep, while this write was retried)
+        # may have held it meanwhile: the operator resolves it, except that an upstream order
+        # found for it is stored if nobody resolved it since (it is still held, and still
+        # ours: a re-route would have taken it over).
         # The triggers of migration 0004 write the attempt rows and a failed order's refund.
+        moves = "placing_by IS ?8 AND (state = 'placing' OR (state = 'held' AND ?2 = 'placed'))"
         statement = (
             "UPDATE orders SET settling_attempts = ?1, "
-            "state = CASE WHEN state = 'placing' THEN ?2 ELSE state END, "
-            "provider = CASE WHEN state = 'placing' THEN coalesce(?3, provider) ELSE provider END, "
-            "upstream_service = CASE WHEN state = 'placing' "
+            f"state = CASE WHEN {moves} THEN ?2 ELSE state END, "
+            f"provider = CASE WHEN {moves} THEN coalesce(?3, provider) ELSE provider END, "
+            f"upstream_service = CASE WHEN {moves} "
             "THEN coalesce(?4, upstream_service) ELSE upstream_service END, "
-            "upstream_order = CASE WHEN state = 'placing' THEN ?5 ELSE upstream_order END, "
+            f"upstream_order = CASE WHEN {moves} THEN ?5 ELSE upstream_order END, "
             "updated_at = ?6 WHERE id = ?7 RETURNING state"
         )
-        args = (
-            _attempts_json(attempts),
-            state,
-            provider,
-            upstream_service,
-            upstream_order,
-            now,
-            order_id,
-        )
-        if state != "canceled" and event is None:
-            async with self._write() as db:  # the hot path of `add`: one hop
-                await db.execute_fetchall(statement, args)
-            return
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(statement, args)
-            # Moved iff it was placing: no other writer can end in `state` from elsewhere here.
-            settled = [row[0] for row in rows] == [state]
-            if state == "canceled" and settled:
-                await self._refund_canceled(db, order_id, now, "no route took the re-routed order")
-            if event is not None and settled:
-                await self._insert_resolve_event(db, order_id, now, event)
+        attempts_json = _attempts_json(attempts)
+
+        async def write() -> None:
+            now = time.time()
+            args = (
+                attempts_json,
+                state,
+                provider,
+                upstream_service,
+                upstream_order,
+                now,
+                order_id,
+                self.owner,
+            )
+            if state != "canceled" and event is None:
+                async with self._write() as db:  # the hot path of `add`: one hop
+                    await db.execute_fetchall(statement, args)
+                return
+            async with self.transaction() as db:
+                rows = await db.execute_fetchall(statement, args)
+                # Moved iff it was ours: no other writer can end in `state` from elsewhere here.
+                settled = [row[0] for row in rows] == [state]
+                if state == "canceled" and settled:
+                    await self._refund_canceled(
+                        db, order_id, now, "no route took the re-routed order"
+                    )
+                if event is not None and settled:
+                    await self._insert_resolve_event(db, order_id, now, event)
+
+        try:
+            await self._until_stored(write, f"settle order {order_id} as {state}")
+        except sqlite3.IntegrityError as exc:
+            if provider is None or upstream_order is None or not _upstream_taken(exc):
+                raise
+            holder = await self.upstream_order_taken(provider, upstream_order)
+            raise UpstreamOrderTaken(provider, upstream_order, holder) from exc
+
+    async def _until_stored(self, write: Callable[[], Awaitable[T]], what: str) -> T:
+        """`write()`, tried again on errors that may pass until it lands or `_settle_retry`
+        gives up (NotStored). A constraint (IntegrityError) or a misuse of the connection
+        (ProgrammingError) is raised at once: trying again changes nothing."""
+        policy = self._settle_retry
+        deadline = time.monotonic() + policy.give_up_after
+        delay = policy.first
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await write()
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+                raise
+            except sqlite3.DatabaseError as exc:  # locked past the busy timeout, I/O, disk full
+                if time.monotonic() + delay > deadline:
+                    raise NotStored(f"{what}: not stored after {tries} tries: {exc}") from exc
+                with contextlib.suppress(Exception):  # a broken log sink must not stop it
+                    log.warning(
+                        "write_retried", what=what, tries=tries, error=str(exc), retry_in=delay
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, policy.longest)
 
     async def hold_interrupted_orders(self, *, stale_before: float) -> int:
         """Orders whose placement was interrupted become `held`; how many.
@@ -738,25 +843,31 @@ class Store:
 
         False (nothing changed) when the order is not held, or when another order of that
         provider already has this upstream order (the same upstream order twice is two costs
-        for one delivery).
+        for one delivery): the database's unique index refuses it (migration 0006).
         """
         now = time.time()
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE orders SET state = 'placed', upstream_order = ?1, updated_at = ?2 "
-                "WHERE id = ?3 AND state = 'held' AND NOT EXISTS (SELECT 1 FROM orders o "
-                "WHERE o.provider = orders.provider AND o.upstream_order = ?1)",
-                (upstream_order, now, order_id),
-            )
-            if cursor.rowcount != 1:
+        try:
+            async with self.transaction() as db:
+                cursor = await db.execute(
+                    "UPDATE orders SET state = 'placed', upstream_order = ?1, updated_at = ?2 "
+                    "WHERE id = ?3 AND state = 'held'",
+                    (upstream_order, now, order_id),
+                )
+                if cursor.rowcount != 1:
+                    return False
+                await self._insert_resolve_event(db, order_id, now, event)
+        except sqlite3.IntegrityError as exc:
+            if _upstream_taken(exc):
                 return False
-            await self._insert_resolve_event(db, order_id, now, event)
+            raise
         return True
 
     async def upstream_order_taken(self, provider: str, upstream_order: int) -> int | None:
-        """The local order that already holds this upstream order at `provider`, if any."""
+        """The local order that already holds this upstream order at `provider`, if any (the
+        oldest, where an older database had several: migration 0006)."""
         rows = await self._reader.execute_fetchall(
-            "SELECT id FROM orders WHERE provider = ? AND upstream_order = ?",
+            "SELECT id FROM orders WHERE provider = ? AND upstream_order = ? "
+            "ORDER BY upstream_duplicate LIMIT 1",
             (provider, upstream_order),
         )
         return int(rows[0][0]) if rows else None  # type: ignore[index]
@@ -1425,9 +1536,9 @@ class CallLatency:
     p95: float | None
 
 
-async def _connect(path: Path | str) -> aiosqlite.Connection:
+async def _connect(path: Path | str, busy_timeout_ms: int) -> aiosqlite.Connection:
     db = await aiosqlite.connect(str(path), isolation_level=None)
-    await db.execute_fetchall(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     await db.execute_fetchall("PRAGMA foreign_keys=ON")
     await db.execute_fetchall(
         "PRAGMA synchronous=FULL"
@@ -1463,6 +1574,11 @@ def _sync_values(
         record.upstream_charge,
         record.upstream_currency,
     )
+
+
+def _upstream_taken(exc: sqlite3.IntegrityError) -> bool:
+    """Whether the error is the one-local-order-per-upstream-order index (migration 0006)."""
+    return "orders.provider, orders.upstream_order" in str(exc)
 
 
 def _reason(exc: sqlite3.IntegrityError) -> str:

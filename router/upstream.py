@@ -8,11 +8,15 @@ Every failure of a call is one of these (what the failover loop of `orders.py` d
      ├── UpstreamUnreachable      unreachable  tries the next route: nothing was sent
      └── OutcomeUnknown           ambiguous    STOPS: the order may exist upstream (held for ops)
 
-`refused`: an `{"error": ...}` answer (on HTTP 200 or 4xx) or HTTP 429. `unreachable`: DNS
-failure, connection refused, connect timeout (pool wait, DNS, TCP and TLS), TLS failure.
-`ambiguous`: timeout after the request went out, connection reset or closed, HTTP 5xx, HTML,
-empty, truncated or otherwise unparseable answers. `add` returns these as an `AddResult`
-instead of raising; every other action raises them.
+`refused`: an `{"error": ...}` answer (on HTTP 200 or 4xx), HTTP 429, or any other 4xx but 408
+with no order in the body (a firewall's 403 page, a 404, a 413: turned away before the panel).
+`unreachable`: DNS failure, connection refused, connect timeout (pool wait, DNS, TCP and TLS),
+TLS failure. `ambiguous`: timeout after the request went out, connection reset or closed, HTTP
+408 or 5xx, a 4xx with an order in the body, HTML, empty, truncated or otherwise unparseable
+answers, bytes that are not UTF-8, and any answer that crashes the reader (JSON nested thousands
+deep). `add` returns these as an `AddResult` instead of raising; `status_readings` turns an
+answer that came back unusable into a reading per order; every other action raises them. No
+call raises anything else for what an upstream sends.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MAX_MONEY: Final = Decimal(10) ** 12  # anything above is garbage (and costly to
 _REDACTED: Final = "**********"
 _FORM_HEADERS: Final = {aiohttp.hdrs.CONTENT_TYPE: "application/x-www-form-urlencoded"}
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, HttpProcessingError, OSError)  # TimeoutError too
+_SNIPPET: Final = 80  # characters of a body quoted in an error text
 
 T = TypeVar("T")
 
@@ -167,24 +172,95 @@ def _item_error(item: object) -> object | None:
     return None
 
 
-def parse_answer(status: int, content_type: str, body: str) -> Any:
-    """The JSON of a usable answer, or raise the UpstreamError subclass it amounts to."""
+def _exception_text(exc: BaseException) -> str:
+    return _shorten(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+def _snippet(body: str | bytes) -> str:
+    """The start of a body, for an error text (bytes that are not UTF-8 shown as U+FFFD)."""
+    if isinstance(body, bytes):
+        return body[: 4 * _SNIPPET].decode("utf-8", errors="replace")[:_SNIPPET]
+    return body[:_SNIPPET]
+
+
+def provider_trouble(status: int) -> bool:
+    """Whether an HTTP status says the provider is in trouble rather than answering: a request
+    timeout (the panel may have taken it before the gateway gave up), rate limiting, any 5xx."""
+    return status in (408, 429) or status >= 500
+
+
+def _strict_text(status: int, body: str | bytes) -> str:
+    """The body as text; a body that is not UTF-8 is unreadable.
+
+    JSON is UTF-8 (RFC 8259), and PHP's json_encode escapes everything else: bytes that are
+    not UTF-8 mean the answer was mangled on its way, so nothing in it is taken as an order ID
+    or a status (decoding them as U+FFFD could still leave a well-formed `{"order": ...}`).
+    """
+    if isinstance(body, str):
+        return body
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OutcomeUnknown(
+            f"HTTP {status}: not UTF-8 (byte {exc.start}): {_snippet(body)!r}"
+        ) from None
+
+
+def _turned_away(status: int, content_type: str, body: str | bytes) -> UpstreamError:
+    """What a 4xx (but 408 and 429) amounts to: turned away before the panel took the request,
+    unless the body holds an order (then the order may exist) or cannot be read at all.
+
+    The body is decoded leniently here: U+FFFD cannot forge an order, and a body that shows one
+    keeps the outcome ambiguous anyway.
+    """
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    try:
+        data = v2.extract_json(text)
+    except ValueError:  # a firewall's or a web server's page: no order in it
+        what = content_type or "no content type"
+        return UpstreamRefused(f"HTTP {status} ({what}): {_error_text(text[:_SNIPPET])}")
+    if isinstance(data, dict) and data.get("order"):
+        return OutcomeUnknown(f"HTTP {status} with an order in the answer: {_error_text(data)}")
+    error = _item_error(data)
+    if error is not None:
+        return _refusal(error)
+    return UpstreamRefused(f"HTTP {status} without an order: {_error_text(text[:_SNIPPET])}")
+
+
+def parse_answer(status: int, content_type: str, body: str | bytes) -> Any:
+    """The JSON of a usable answer, or raise the UpstreamError subclass it amounts to.
+
+    It raises nothing else: an answer that crashes the reader (a RecursionError on JSON nested
+    thousands deep, anything unforeseen) is OutcomeUnknown, like any unreadable answer.
+    """
+    try:
+        return _parse_answer(status, content_type, body)
+    except UpstreamError:
+        raise
+    except Exception as exc:
+        raise OutcomeUnknown(f"HTTP {status}: unreadable ({_exception_text(exc)})") from None
+
+
+def _parse_answer(status: int, content_type: str, body: str | bytes) -> Any:
     if status == 429:
         raise UpstreamRefused("HTTP 429 Too Many Requests")
-    if status >= 500:
-        raise OutcomeUnknown(f"HTTP {status}: {_error_text(body[:80])}")
+    if provider_trouble(status):
+        raise OutcomeUnknown(f"HTTP {status}: {_error_text(_snippet(body))}")
+    if 400 <= status < 500:
+        raise _turned_away(status, content_type, body)
+    text = _strict_text(status, body)
     try:
-        data = v2.extract_json(body)
+        data = v2.extract_json(text)
     except ValueError:
         what = content_type or "no content type"
-        raise OutcomeUnknown(f"HTTP {status} ({what}), not JSON: {body[:80]!r}") from None
+        raise OutcomeUnknown(f"HTTP {status} ({what}), not JSON: {text[:_SNIPPET]!r}") from None
     error = _item_error(data)
-    if error is not None and (status < 300 or 400 <= status < 500):
+    if error is not None and status < 300:
         if isinstance(data, dict) and data.get("order"):
             raise OutcomeUnknown(f"both an order and an error: {_error_text(data)}")
         raise _refusal(error)
     if not 200 <= status < 300:
-        raise OutcomeUnknown(f"HTTP {status} without an error: {_error_text(body[:80])}")
+        raise OutcomeUnknown(f"HTTP {status} without an error: {_error_text(text[:_SNIPPET])}")
     return data
 
 
@@ -216,16 +292,19 @@ def _flag(value: object) -> bool | None:
 
 
 def classify_add(
-    status: int, content_type: str, body: str
+    status: int, content_type: str, body: str | bytes
 ) -> tuple[Outcome, int | None, str | None]:
-    """(outcome, upstream order ID, error text) for one answer to `add`."""
+    """(outcome, upstream order ID, error text) for one answer to `add`. Never raises: what
+    cannot be read is ambiguous (the order may exist)."""
     try:
         data = parse_answer(status, content_type, body)
+        order = _int(data.get("order"), minimum=1) if isinstance(data, dict) else None
     except UpstreamError as exc:
         return exc.outcome, None, exc.message
-    order = _int(data.get("order"), minimum=1) if isinstance(data, dict) else None
+    except Exception as exc:
+        return Outcome.AMBIGUOUS, None, f"unreadable answer ({_exception_text(exc)})"
     if order is None:
-        return Outcome.AMBIGUOUS, None, f"no order ID in the answer: {_error_text(body[:80])}"
+        return Outcome.AMBIGUOUS, None, f"no order ID in the answer: {_error_text(_snippet(body))}"
     return Outcome.ACCEPTED, order, None
 
 
@@ -290,12 +369,26 @@ def read_statuses(
         if i not in items:
             readings[i] = StatusReading(None, "missing from the answer")
             continue
-        raw = items[i]
-        status = parse_status_item(raw, quantities.get(i))
-        error = _item_error(raw)
-        problem = None if status is not None else _error_text(raw if error is None else error)
-        readings[i] = StatusReading(status, problem)
+        try:
+            readings[i] = _read_status_item(items[i], quantities.get(i))
+        except Exception as exc:  # one item that crashes the reader leaves only itself unread
+            readings[i] = StatusReading(None, f"unreadable item ({_exception_text(exc)})")
     return readings
+
+
+def _read_status_item(raw: object, quantity: int | None) -> StatusReading:
+    status = parse_status_item(raw, quantity)
+    if status is not None:
+        return StatusReading(status, None)
+    error = _item_error(raw)
+    return StatusReading(None, _error_text(raw if error is None else error))
+
+
+def unusable_statuses(ids: Sequence[int], failure: UpstreamError) -> dict[int, StatusReading]:
+    """The reading of each asked ID when the answer as a whole could not be used (refused,
+    unreadable): nothing about any of them, and why."""
+    problem = _shorten(f"whole answer: {failure.message}")
+    return {i: StatusReading(None, problem) for i in ids}
 
 
 def parse_refill(data: Any) -> int:
@@ -428,7 +521,8 @@ def _joined(ids: Sequence[int]) -> str:
     return ",".join(map(str, ids))
 
 
-async def _read_body(response: aiohttp.ClientResponse) -> str:
+async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The body as sent: decoding it is part of reading the answer (see parse_answer)."""
     if (response.content_length or 0) > MAX_ANSWER_BYTES:
         raise OutcomeUnknown(f"answer of {response.content_length} bytes: too large")
     body = bytearray()
@@ -436,7 +530,7 @@ async def _read_body(response: aiohttp.ClientResponse) -> str:
         body += chunk
         if len(body) > MAX_ANSWER_BYTES:
             raise OutcomeUnknown(f"answer over {MAX_ANSWER_BYTES} bytes: too large")
-    return body.decode("utf-8", errors="replace")
+    return bytes(body)
 
 
 # --- The client ----------------------------------------------------------------------------------
@@ -476,6 +570,9 @@ class UpstreamClient:
                 outcome, order, error = classify_add(*await self._exchange("add", params))
             except UpstreamError as exc:
                 outcome, order, error = exc.outcome, None, exc.message
+            except Exception as exc:  # unforeseen, perhaps after sending: the order may exist
+                outcome, order = Outcome.AMBIGUOUS, None
+                error = f"unexpected failure ({_exception_text(exc)})"
             latency = time.perf_counter() - start
             return AddResult(outcome, order, self._redact(error) if error else None, latency)
         finally:
@@ -491,12 +588,21 @@ class UpstreamClient:
     async def status_readings(
         self, order_ids: Sequence[int], quantities: Mapping[int, int] | None = None
     ) -> dict[int, StatusReading]:
-        """Like `status`, with the raw text of each item that could not be read."""
+        """Like `status`, with the raw text of each item that could not be read.
+
+        An answer that came back but cannot be used as a whole (an error object, a 4xx page,
+        not JSON, bytes that are not UTF-8, JSON nested too deep for the reader) is a reading
+        per order that says so. It raises when nothing usable came back because of the
+        provider: no answer, HTTP 408, 429 or 5xx.
+        """
         if not (ids := _batch(order_ids)):
             return {}
         fields = {"orders": _joined(ids)}
         readings = await self._call(
-            "status", fields, lambda d: read_statuses(d, ids, quantities or {})
+            "status",
+            fields,
+            lambda d: read_statuses(d, ids, quantities or {}),
+            unusable=lambda failure: unusable_statuses(ids, failure),
         )
         return {
             i: StatusReading(r.status, self._redact(r.problem)) if r.problem else r
@@ -550,23 +656,50 @@ class UpstreamClient:
         """`services`, with the IDs of the entries that could not be read."""
         return await self._call("services", {}, parse_catalogue)
 
-    async def _call(self, action: str, fields: Mapping[str, str], parse: Callable[[Any], T]) -> T:
+    async def _call(
+        self,
+        action: str,
+        fields: Mapping[str, str],
+        parse: Callable[[Any], T],
+        *,
+        unusable: Callable[[UpstreamError], T] | None = None,
+    ) -> T:
+        """One call, its answer parsed; raise the (redacted) UpstreamError it amounts to.
+
+        With `unusable`, an answer that came back but cannot be used (refused, unreadable) is
+        its result instead, unless the HTTP status says the provider is in trouble: then, as
+        when nothing came back, the call raises.
+        """
         started, start = time.time(), time.perf_counter()
         outcome = Outcome.AMBIGUOUS
         try:
             try:
-                result = parse(parse_answer(*await self._exchange(action, fields)))
+                status, content_type, body = await self._exchange(action, fields)
             except UpstreamError as exc:
-                failure = type(exc)(self._redact(exc.message))
+                failure = exc  # redacted by _exchange
+            except Exception as exc:  # unforeseen: the client still only raises UpstreamError
+                failure = OutcomeUnknown(self._redact(f"unexpected ({_exception_text(exc)})"))
             else:
-                outcome = Outcome.ACCEPTED
-                return result
+                try:
+                    result = parse(parse_answer(status, content_type, body))
+                except UpstreamError as exc:
+                    failure = type(exc)(self._redact(exc.message))
+                except Exception as exc:  # a reader that crashed on this answer
+                    failure = OutcomeUnknown(
+                        self._redact(f"HTTP {status}: unreadable ({_exception_text(exc)})")
+                    )
+                else:
+                    outcome = Outcome.ACCEPTED
+                    return result
+                if unusable is not None and not provider_trouble(status):
+                    outcome = failure.outcome
+                    return unusable(failure)
             outcome = failure.outcome
             raise failure  # outside the handler: a redacted error keeps no link to the original
         finally:
             self._record(action, started, time.perf_counter() - start, outcome)
 
-    async def _exchange(self, action: str, fields: Mapping[str, str]) -> tuple[int, str, str]:
+    async def _exchange(self, action: str, fields: Mapping[str, str]) -> tuple[int, str, bytes]:
         """POST one action: (HTTP status, content type, body), or raise UpstreamUnreachable or
         OutcomeUnknown when no complete answer came back."""
         form = {**fields, "key": self._provider.key.value, "action": action}

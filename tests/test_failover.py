@@ -39,7 +39,12 @@ async def _ledger_balances(router, key: str, expected_balance: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"), [(Fault.REFUSE, "refused"), (Fault.NO_FUNDS, "no_funds")]
+    ("fault", "reason"),
+    [
+        (Fault.REFUSE, "refused"),
+        (Fault.NO_FUNDS, "no_funds"),
+        (Fault.WAF_403, "refused"),  # a firewall's page: turned away before the panel
+    ],
 )
 async def test_refusals_fail_over(
     start_sim: SimFactory, start_router: RouterFactory, fault: Fault, reason: str
@@ -60,6 +65,7 @@ async def test_refusals_fail_over(
     ]
     assert attempts[1].upstream_order == order.upstream_order
     assert all(a.latency >= 0 for a in attempts)
+    assert first.orders == {}  # nothing was created where it was refused
     assert (
         router.metric("smm_router_failovers_total", service="1", provider="first", reason=reason)
         == 1
@@ -124,6 +130,34 @@ async def test_ambiguous_holds_and_never_resends(
     await _ledger_balances(router, key, "9.00")  # funds stay reserved
     assert await router.store.count_held() == 1
     assert router.metric("smm_router_orders_total", service="1", state="held") == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [(Fault.DEEP_JSON, "unreadable (RecursionError"), (Fault.NOT_UTF8, "not UTF-8")],
+)
+async def test_an_unreadable_answer_holds_the_order(
+    start_sim: SimFactory, start_router: RouterFactory, fault: Fault, error: str
+) -> None:
+    """The panel took the order and its answer cannot be read: held, never re-sent, and the
+    reseller gets its order ID (not an error: its panel would send the order again)."""
+    first, second, router, key = await _two_providers(start_sim, start_router)
+    first.set_fault(101, fault)
+
+    answer = await router.call(key=key, action="add", service=1, link="x", quantity=1000)
+
+    assert set(answer) == {"order"}
+    assert len(first.orders) == 1  # it exists upstream: only its answer was garbled
+    assert len(first.received_actions("add")) == 1
+    assert second.received_actions("add") == []
+    order = await router.store.order(answer["order"])
+    assert order is not None and order.state == "held" and order.provider == "first"
+    [attempt] = await router.store.attempts(order.id)
+    assert attempt.outcome == "ambiguous" and attempt.error is not None and error in attempt.error
+    status = await router.call(key=key, action="status", order=order.id)
+    assert status["status"] == "Pending"
+    await _ledger_balances(router, key, "9.00")
+    assert router.metric("smm_router_requests_total", action="add", outcome="ok") == 1
 
 
 async def test_every_route_refused_refunds(

@@ -195,11 +195,14 @@ async def test_held_orders_listed_and_shown(setup: Setup, cli: Cli) -> None:
     ]
     assert shown["events"] == []
     assert [(e["kind"], e["amount"]) for e in shown["ledger"]] == [("charge", "-1.00")]
+    assert shown["held"]["interrupted"] is False  # alpha's answer is recorded: why it is held
+    assert shown["held"]["reason"].startswith("alpha (service 101) answered: HTTP 502")
 
     code, out, _ = await cli(setup.path, "orders", "show", str(order_id))
     assert code == 0
     assert f"order {order_id}: held, the reseller sees Pending" in out
     assert "attempts:" in out and "ambiguous" in out and "events:\n  (none)" in out
+    assert "  held      alpha (service 101) answered: HTTP 502" in out
 
     code, _, err = await cli(setup.path, "orders", "show", "999")
     assert code == 1 and "no order 999" in err

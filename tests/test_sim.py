@@ -15,6 +15,8 @@ import pytest
 
 from router import v2
 from router.sim import (
+    DEEP_JSON_LEVELS,
+    NOT_UTF8_PREFIX,
     PACKAGE_UNITS,
     Fault,
     SimProvider,
@@ -357,6 +359,61 @@ async def test_html_502(http: aiohttp.ClientSession, sim: SimProvider) -> None:
     assert await call(http, sim, action="balance") == {"balance": "1000.00", "currency": "USD"}
 
 
+async def _raw(http: aiohttp.ClientSession, sim: SimProvider, **params: str) -> tuple[int, bytes]:
+    async with http.post(sim.url, data={"key": KEY, **params}) as response:
+        return response.status, await response.read()
+
+
+async def test_garbled_answers_to_add(http: aiohttp.ClientSession, sim: SimProvider) -> None:
+    """deep_json and not_utf8: the panel took the order, its answer cannot be read; waf403:
+    turned away before the panel."""
+    order = {"action": "add", "service": "101", "link": LINK, "quantity": "100"}
+    sim.set_fault(101, Fault.DEEP_JSON)
+    status, body = await _raw(http, sim, **order)
+    assert status == 200 and body == b"[" * DEEP_JSON_LEVELS + b"]" * DEEP_JSON_LEVELS
+    assert list(sim.orders) == [1000]
+    sim.set_fault(101, Fault.NOT_UTF8)
+    status, body = await _raw(http, sim, **order)
+    assert (status, body) == (200, NOT_UTF8_PREFIX + b'{"order": 1001}')
+    with pytest.raises(UnicodeDecodeError):
+        body.decode("utf-8")
+    sim.set_fault(101, Fault.WAF_403)
+    status, body = await _raw(http, sim, **order)
+    assert status == 403 and b"firewall" in body
+    assert list(sim.orders) == [1000, 1001]
+
+
+async def test_answer_faults_on_other_actions(
+    http: aiohttp.ClientSession, sim: SimProvider
+) -> None:
+    [order_id] = sim.create_orders(101, 1)
+    sim.set_answer_fault("status", Fault.NOT_UTF8)
+    status, body = await _raw(http, sim, action="status", orders=str(order_id))
+    assert status == 200 and body.startswith(NOT_UTF8_PREFIX)
+    assert str(order_id) in json.loads(body[len(NOT_UTF8_PREFIX) :])  # the real answer, garbled
+    sim.set_answer_fault("status", Fault.WAF_403)
+    assert (await _raw(http, sim, action="status", orders=str(order_id)))[0] == 403
+    assert await call(http, sim, action="balance") == {"balance": "999.50", "currency": "USD"}
+    sim.set_answer_fault("status", None)
+    assert str(order_id) in await call(http, sim, action="status", orders=str(order_id))
+    for action, fault in (("add", Fault.DEEP_JSON), ("status", Fault.SLOW)):
+        with pytest.raises(ValueError, match="not an answer fault"):
+            sim.set_answer_fault(action, fault)
+
+
+async def test_pause_holds_requests_until_resumed(
+    http: aiohttp.ClientSession, sim: SimProvider
+) -> None:
+    sim.pause("add")
+    adding = asyncio.create_task(add(http, sim))
+    await wait_for(lambda: sim.received_actions("add"), "the add to reach the simulator")
+    assert await call(http, sim, action="balance") == {"balance": "1000.00", "currency": "USD"}
+    assert not adding.done() and sim.orders == {}  # received, not answered
+    sim.resume("add")
+    assert await adding == {"order": 1000}
+    assert await add(http, sim) == {"order": 1001}  # resumed for good
+
+
 async def test_slow_creates_the_order(http: aiohttp.ClientSession, sim: SimProvider) -> None:
     sim.set_fault(101, Fault.SLOW)
     data = {"key": KEY, "action": "add", "service": "101", "link": LINK, "quantity": "100"}
@@ -411,18 +468,6 @@ async def test_down_and_back(http: aiohttp.ClientSession, sim: SimProvider) -> N
     await sim.start()
     assert sim.url == url
     assert await add(http, sim) == {"order": 1001}
-
-
-async def test_pause_then_resume(http: aiohttp.ClientSession, sim: SimProvider) -> None:
-    """A paused action is received, waits, and is answered as usual once resumed."""
-    sim.pause("add")
-    waiting = asyncio.create_task(add(http, sim))
-    await wait_for(lambda: sim.received_actions("add"), "the add at the simulator")
-    assert (await call(http, sim, action="balance"))["balance"] == "1000.00"  # others answer
-    assert not waiting.done() and sim.orders == {}
-    sim.resume("add")
-    assert await waiting == {"order": 1000}
-    assert await add(http, sim) == {"order": 1001}  # resumed: answered at once
 
 
 async def test_pause_ends_in_a_reset_when_stopped(

@@ -108,6 +108,38 @@ async def test_settling_an_order_held_meanwhile_keeps_its_attempts(store: Store)
     assert await store.ledger_sum(reseller_id) == 700
 
 
+async def test_a_settle_retried_past_the_sweep_still_places_its_order(store: Store) -> None:
+    """Its write waited out a locked database long enough for the sweep to hold the order
+    (placing too long): nobody resolved it since, so the upstream order is stored."""
+    reseller_id, order_id = await _placing(store)
+    assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 1
+    accepted = _attempt(0, "a", "accepted", upstream_order=4242)
+    await store.settle_order(
+        order_id, state="placed", attempts=[accepted], provider="a", upstream_order=4242
+    )
+    order = await store.order(order_id)
+    assert order is not None and (order.state, order.upstream_order) == ("placed", 4242)
+    assert await store.ledger_sum(reseller_id) == 700
+
+
+async def test_a_settle_never_takes_over_what_another_process_placed(store: Store) -> None:
+    """Held by the sweep, then re-routed by the operator (another process places it now):
+    the late settle records its attempt and moves nothing."""
+    _, order_id = await _placing(store)
+    assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 1
+    assert await store.begin_reroute(order_id, "b", 8, "reroute by ops")
+    await _placed_by(store, order_id, "elsewhere.example:4242:feedface")
+    late = _attempt(0, "a", "accepted", upstream_order=4242)
+    for state in ("placed", "held", "failed"):
+        await store.settle_order(
+            order_id, state=state, attempts=[late], provider="a", upstream_order=4242
+        )
+    order = await store.order(order_id)
+    assert order is not None and (order.state, order.provider) == ("placing", "b")
+    assert order.upstream_order is None
+    assert await store.attempts(order_id) == [late] * 3  # the trace of the upstream order
+
+
 def _dead_owner() -> str:
     """The owner token of a process of this host that has ended."""
     ended = subprocess.Popen(["true"])

@@ -10,15 +10,16 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from router import v2
 from router.app import CLIENTS, ORDER_SYNC
 from router.config import Sync
-from router.sim import SimProvider
+from router.sim import Fault, SimProvider
 from router.store import NewOrder
-from router.sync.orders import OrderSync, refund_for
+from router.sync.orders import PAGE, OrderSync, refund_for
 from tests.conftest import Router, RouterFactory, SimFactory, service, wait_for
 
 STEP = 60.0  # seconds each deterministic round moves the sync's clock
@@ -383,6 +384,99 @@ async def test_ten_thousand_orders_take_one_call_per_hundred(
             assert sorted(i for call in calls for i in call) == sorted(sim.orders)
             assert await router.store.orders_due(name, due_by=clock.now) == []
     assert await balances_match(router) == v2.to_minor(Decimal(1000)) - 100 * sum(counts.values())
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        (Fault.DEEP_JSON, "unreadable (RecursionError"),
+        (Fault.NOT_UTF8, "not UTF-8"),
+        (Fault.WAF_403, "HTTP 403 (text/html"),
+    ],
+)
+async def test_an_unusable_status_answer_marks_its_orders_and_the_pass_goes_on(
+    start_sim: SimFactory, start_router: RouterFactory, fault: Fault, problem: str
+) -> None:
+    """Each order of a page whose answer cannot be used is left as it was with the problem
+    recorded; the pass goes on to the provider's next page, and other providers sync."""
+    bad = await start_sim(partial_every=0)
+    good = await start_sim(partial_every=0)
+    clock = SteppedClock()
+    router = await open_router(
+        start_router,
+        clock,
+        {"bad": bad.url, "good": good.url},
+        [service(1, [("bad", 101), ("good", 101)])],
+    )
+    await router.reseller("acme", "10")
+    reseller = await router.store.reseller_by_name("acme")
+    assert reseller is not None
+    on_bad = await _bulk_orders(router, bad, "bad", PAGE + 1, reseller.id)  # two pages
+    [on_good] = await _bulk_orders(router, good, "good", 1, reseller.id)
+    bad.advance(bad.progress_seconds)  # every order has completed upstream
+    good.advance(good.progress_seconds)
+    bad.set_answer_fault("status", fault)
+
+    await sync_round(router, clock)
+
+    assert len(bad.received_actions("status")) == 2  # the second page was asked too
+    for order_id in on_bad:
+        order = await router.store.order(order_id)
+        assert order is not None and (order.state, order.status) == ("placed", "Pending")
+        state = await router.store.order_sync_state(order_id)
+        assert state is not None and problem in (state.sync_problem or "")
+    history = await router.store.order_history(on_bad[-1])
+    assert [e.kind for e in history] == ["unknown_status"]
+    assert problem in (history[0].detail or "")
+    good_order = await router.store.order(on_good)
+    assert good_order is not None and good_order.status == "Completed"
+    assert router.metric("smm_router_order_status_unreadable_total", provider="bad") == PAGE + 1
+
+    bad.set_answer_fault("status", None)
+    await sync_round(router, clock)
+    for order_id in on_bad:
+        order = await router.store.order(order_id)
+        assert order is not None and order.status == "Completed"
+        state = await router.store.order_sync_state(order_id)
+        assert state is not None and state.sync_problem is None
+    assert await balances_match(router) == v2.to_minor(Decimal(10)) - 100 * (PAGE + 2)
+
+
+async def test_a_provider_in_trouble_leaves_its_orders_due(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """No usable answer because of the provider (a CDN's 502): nothing is recorded on its
+    orders, they stay due for the next pass, and the rest of its pass waits for it; another
+    provider syncs meanwhile."""
+    bad = await start_sim(partial_every=0)
+    good = await start_sim(partial_every=0)
+    clock = SteppedClock()
+    router = await open_router(
+        start_router,
+        clock,
+        {"bad": bad.url, "good": good.url},
+        [service(1, [("bad", 101), ("good", 101)])],
+    )
+    await router.reseller("acme", "10")
+    reseller = await router.store.reseller_by_name("acme")
+    assert reseller is not None
+    on_bad = await _bulk_orders(router, bad, "bad", PAGE + 1, reseller.id)
+    [on_good] = await _bulk_orders(router, good, "good", 1, reseller.id)
+    bad.advance(bad.progress_seconds)
+    good.advance(good.progress_seconds)
+    bad.set_answer_fault("status", Fault.HTML_502)
+
+    await sync_round(router, clock)
+
+    assert 1 <= len(bad.received_actions("status")) <= 2  # both pages may be in flight at once
+    due = await router.store.orders_due("bad", due_by=clock.now, limit=2 * PAGE)
+    assert [order.id for order in due] == list(on_bad)
+    assert all(order.sync_problem is None for order in due)
+    assert (await router.store.order(on_good)).status == "Completed"  # type: ignore[union-attr]
+
+    bad.set_answer_fault("status", None)
+    await sync_round(router, clock)
+    assert {(await router.store.order(i)).status for i in on_bad} == {"Completed"}  # type: ignore[union-attr]
 
 
 async def test_old_orders_are_checked_less_often(

@@ -27,6 +27,7 @@ from router.upstream import (
     CallRecord,
     Outcome,
     OutcomeUnknown,
+    StatusReading,
     UpstreamClient,
     UpstreamError,
     UpstreamNoFunds,
@@ -36,7 +37,9 @@ from router.upstream import (
     UpstreamUnreachable,
     classify_add,
     classify_exception,
+    parse_answer,
     parse_status_item,
+    read_statuses,
 )
 
 VECTORS = Path(__file__).resolve().parent / "vectors"  # copies of ../shared/vectors
@@ -45,6 +48,7 @@ STATUS_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-status.json
     "cases"
 ]
 KEY = "sk-LEAK-CANARY-7f3a9c1e"  # must never show in an error
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested far deeper than the parser's recursion limit
 JSON = "application/json"
 ORDER = {"service": "101", "link": "https://instagram.com/someone", "quantity": "1000"}
 
@@ -65,6 +69,26 @@ def assert_no_key(*texts: object) -> None:
     for text in texts:
         assert KEY not in str(text)
         assert KEY not in repr(text)
+
+
+def body_of(case: dict[str, Any]) -> bytes:
+    """A vector's body as sent: `body` as UTF-8, or `body_hex` for bytes that are not text."""
+    if "body_hex" in case:
+        return bytes.fromhex(case["body_hex"])
+    body = case["body"]
+    return (body if isinstance(body, str) else json.dumps(body)).encode()
+
+
+def test_every_vector_is_loaded() -> None:
+    """Each case has a body the tests can send and an expectation, so none is skipped."""
+    for case in ADD_CASES:
+        assert ("body" in case) != ("body_hex" in case), case["name"]
+        assert case["outcome"] in set(Outcome), case["name"]
+        assert isinstance(body_of(case), bytes)
+    for case in STATUS_CASES:
+        assert "body" in case and "expect" in case, case["name"]
+    names = [case["name"] for case in ADD_CASES + STATUS_CASES]
+    assert len(names) == len(set(names))  # ids of the parametrized tests
 
 
 def assert_status(got: UpstreamStatus | None, expect: dict[str, Any] | None) -> None:
@@ -227,7 +251,7 @@ class NoSuchHost(AbstractResolver):
 
 @pytest.mark.parametrize("case", ADD_CASES, ids=[case["name"] for case in ADD_CASES])
 def test_classify_add_vectors(case: dict[str, Any]) -> None:
-    outcome, order, error = classify_add(case["status"], case["content_type"], case["body"])
+    outcome, order, error = classify_add(case["status"], case["content_type"], body_of(case))
     assert outcome == case["outcome"]
     assert order == case.get("order")
     assert (error is None) == (outcome is Outcome.ACCEPTED)
@@ -238,7 +262,7 @@ async def test_add_vectors_over_http(
     case: dict[str, Any], client: tuple[FakeUpstream, UpstreamClient]
 ) -> None:
     upstream, upstream_client = client
-    upstream.answer("add", case["body"].encode(), case["status"], case["content_type"])
+    upstream.answer("add", body_of(case), case["status"], case["content_type"])
     result = await upstream_client.add(ORDER)
     assert result.outcome == case["outcome"]
     assert result.upstream_order == case.get("order")
@@ -280,8 +304,18 @@ def test_add_error_texts() -> None:
         (200, '{"error": ""}', Outcome.AMBIGUOUS),  # an empty error refuses nothing
         (200, '{"error": {"code": 3}}', Outcome.REFUSED),
         (404, '{"error": "Not found"}', Outcome.REFUSED),
-        (404, "<html>Not found</html>", Outcome.AMBIGUOUS),
-        (403, '{"order": 5}', Outcome.AMBIGUOUS),  # only a 2xx accepts
+        (404, "<html>Not found</html>", Outcome.REFUSED),  # turned away before the panel
+        (413, "", Outcome.REFUSED),
+        (400, '{"message": "Bad Request"}', Outcome.REFUSED),  # JSON, but no order in it
+        (403, '{"order": 5}', Outcome.AMBIGUOUS),  # only a 2xx accepts; the order may exist
+        (400, '<b>Notice</b>: x<br>{"order": "5"}', Outcome.AMBIGUOUS),  # an order, after a notice
+        (403, '{"order": 5, "error": "Forbidden"}', Outcome.AMBIGUOUS),
+        (408, '{"error": "Request Timeout"}', Outcome.AMBIGUOUS),  # the panel may have it
+        (403, DEEP, Outcome.AMBIGUOUS),  # unreadable: whether it holds an order is unknown
+        (200, DEEP, Outcome.AMBIGUOUS),
+        (200, "[" * 100_000, Outcome.AMBIGUOUS),
+        (200, '{"order": ' + "[" * 5000 + "]" * 5000 + "}", Outcome.AMBIGUOUS),
+        (200, '{"error": ' + "[" * 500 + "]" * 500 + "}", Outcome.REFUSED),
         (302, "", Outcome.AMBIGUOUS),
         (503, '{"error": "Not enough funds on balance"}', Outcome.AMBIGUOUS),  # 5xx first
         (429, '{"error": "Slow down"}', Outcome.REFUSED),
@@ -290,7 +324,39 @@ def test_add_error_texts() -> None:
 def test_classify_add_edges(status: int, body: str, outcome: Outcome) -> None:
     started = time.perf_counter()
     assert classify_add(status, JSON, body)[0] is outcome
+    assert classify_add(status, JSON, body.encode())[0] is outcome  # as the client reads it
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'\xff\xfe{"order": 77}',  # what errors="replace" would have read as order 77
+        b'{"order": 77, "note": "\xe9t\xe9"}',  # Latin-1 text beside a valid order
+        b'{"order": 7\xff7}',
+        '{"order": 77}'.encode("utf-16"),
+        b"\xc3",  # a truncated multi-byte character
+    ],
+)
+def test_add_answer_that_is_not_utf8_is_ambiguous(body: bytes) -> None:
+    """JSON is UTF-8: bytes that are not mean the answer was mangled, so nothing in it is
+    taken as an order ID, even where it would parse."""
+    outcome, order, error = classify_add(200, JSON, body)
+    assert (outcome, order) == (Outcome.AMBIGUOUS, None)
+    assert error is not None and "not UTF-8" in error
+
+
+def test_a_4xx_page_that_is_not_utf8_is_still_a_refusal() -> None:
+    page = "<html><h1>403 Accès refusé</h1></html>".encode("latin-1")
+    outcome, _, error = classify_add(403, "text/html", page)
+    assert outcome is Outcome.REFUSED and error is not None and error.startswith("HTTP 403")
+
+
+def test_parse_answer_raises_only_upstream_errors() -> None:
+    """What crashes the reader (RecursionError here) comes out as OutcomeUnknown."""
+    for status, body in ((200, DEEP), (200, DEEP.encode()), (404, DEEP), (200, b"\xff")):
+        with pytest.raises(OutcomeUnknown):
+            parse_answer(status, JSON, body)
 
 
 async def test_add_does_not_follow_redirects(
@@ -526,20 +592,85 @@ async def test_status_many_shapes(client: tuple[FakeUpstream, UpstreamClient]) -
     )
 
 
-async def test_status_whole_call_failures(client: tuple[FakeUpstream, UpstreamClient]) -> None:
+@pytest.mark.parametrize(
+    ("answer", "status", "ctype", "problem"),
+    [
+        ({"error": "Incorrect request"}, 200, JSON, "whole answer: Incorrect request"),
+        (b"<html>Maintenance</html>", 200, "text/html", "whole answer: HTTP 200 (text/html), not"),
+        ("Completed", 200, JSON, "whole answer: not a list or an object: Completed"),
+        (DEEP.encode(), 200, JSON, "whole answer: HTTP 200: unreadable (RecursionError"),
+        (b'\xff{"1": {"status": "Completed"}}', 200, JSON, "whole answer: HTTP 200: not UTF-8"),
+        (b"<html>403 Forbidden</html>", 403, "text/html", "whole answer: HTTP 403 (text/html)"),
+        ({"error": "Not enough funds on balance"}, 402, JSON, "whole answer: Not enough funds"),
+    ],
+    ids=["error", "html", "a string", "deep JSON", "not UTF-8", "WAF 403", "402"],
+)
+async def test_status_answer_unusable_as_a_whole_is_read_per_order(
+    client: tuple[FakeUpstream, UpstreamClient],
+    answer: object,
+    status: int,
+    ctype: str,
+    problem: str,
+) -> None:
+    """An answer that came back but cannot be used says nothing of any order: each one asked
+    gets it as its problem (the sync records it), and the call does not raise."""
     upstream, upstream_client = client
-    upstream.answer("status", {"error": "Incorrect request"})
-    with pytest.raises(UpstreamRefused, match=r"^Incorrect request$"):
-        await upstream_client.status([1])
-    upstream.answer("status", b"<html>Maintenance</html>", ctype="text/html")
-    with pytest.raises(OutcomeUnknown):
-        await upstream_client.status([1])
-    upstream.answer("status", {"1": {"status": "Completed"}}, status=500)
-    with pytest.raises(OutcomeUnknown, match="HTTP 500"):
-        await upstream_client.status([1])
-    upstream.answer("status", "Completed")
-    with pytest.raises(OutcomeUnknown):
-        await upstream_client.status([1])
+    upstream.answer("status", answer, status=status, ctype=ctype)
+    readings = await upstream_client.status_readings([1, 2])
+    assert set(readings) == {1, 2}
+    for reading in readings.values():
+        assert reading.status is None
+        assert reading.problem is not None and reading.problem.startswith(problem)
+        assert len(reading.problem) <= 300
+    assert await upstream_client.status([1, 2]) == {1: None, 2: None}
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+async def test_status_call_fails_when_the_provider_is_in_trouble(
+    client: tuple[FakeUpstream, UpstreamClient], status: int
+) -> None:
+    """No usable answer because of the provider: the call fails (the sync leaves the orders
+    due and asks again later) instead of marking every order."""
+    upstream, upstream_client = client
+    upstream.answer("status", {"1": {"status": "Completed"}}, status=status)
+    with pytest.raises(UpstreamError, match=f"HTTP {status}"):
+        await upstream_client.status_readings([1])
+
+
+class Exploding(dict[str, object]):
+    """An item whose reading raises, as an unforeseen shape might."""
+
+    def get(self, *args: object) -> object:
+        raise RuntimeError("boom")
+
+
+def test_status_item_that_crashes_the_reader_leaves_only_itself_unread() -> None:
+    data = {"1": Exploding(), "2": {"status": "Completed", "remains": "0"}}
+    readings = read_statuses(data, [1, 2], {2: 100})
+    assert readings[1] == StatusReading(None, "unreadable item (RuntimeError: boom)")
+    assert readings[2] == StatusReading(UpstreamStatus(v2.COMPLETED, 0, None, None, None), None)
+
+
+@pytest.mark.parametrize(
+    "answer", [DEEP.encode(), b"\xff\xfe{}", b"<html>403</html>"], ids=["deep", "utf8", "403"]
+)
+async def test_other_actions_raise_a_clean_upstream_error(
+    client: tuple[FakeUpstream, UpstreamClient], answer: bytes
+) -> None:
+    upstream, upstream_client = client
+    for action in ("balance", "services", "refill", "refill_status", "cancel"):
+        upstream.answer(action, answer, status=403 if b"403" in answer else 200)
+    calls: list[Awaitable[object]] = [
+        upstream_client.balance(),
+        upstream_client.services(),
+        upstream_client.refill(1),
+        upstream_client.refill_status([1]),
+        upstream_client.cancel([1]),
+    ]
+    for call in calls:
+        with pytest.raises(UpstreamError) as caught:
+            await call
+        assert_no_key(caught.value.message)
 
 
 async def test_status_batches_are_bounded(client: tuple[FakeUpstream, UpstreamClient]) -> None:
@@ -814,8 +945,7 @@ async def test_on_call_records_every_call(
     result = await upstream_client.add(ORDER)
     with pytest.raises(UpstreamNoFunds):
         await upstream_client.balance()
-    with pytest.raises(OutcomeUnknown):
-        await upstream_client.status([1])
+    assert await upstream_client.status([1]) == {1: None}  # unreadable: recorded per order
     assert [(r.provider, r.action, r.outcome) for r in records] == [
         ("alpha", "add", Outcome.ACCEPTED),
         ("alpha", "balance", Outcome.NO_FUNDS),
@@ -872,8 +1002,9 @@ async def test_the_key_never_shows_in_errors(client: tuple[FakeUpstream, Upstrea
     upstream.answer("cancel", [{"order": 1, "cancel": {"error": f"key {KEY} not allowed"}}])
     assert await upstream_client.cancel([1]) == {1: "key ********** not allowed"}
     upstream.answer("cancel", echo)
+    readings = await upstream_client.status_readings([1])  # the refusal, as each order's problem
+    assert readings[1].problem == "whole answer: Invalid API key **********"
     calls: list[Callable[[], Awaitable[object]]] = [
-        lambda: upstream_client.status([1]),
         lambda: upstream_client.refill(1),
         lambda: upstream_client.refill_status([1]),
         lambda: upstream_client.cancel([1]),

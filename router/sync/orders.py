@@ -169,7 +169,12 @@ class OrderSync:
         failed: asyncio.Event,
         due_by: float,
     ) -> None:
-        """One multi-status call (holding a slot of `gate`) and its answers recorded."""
+        """One multi-status call (holding a slot of `gate`) and its answers recorded.
+
+        An answer that came back unusable is recorded on each order of the page (its sync
+        problem) and the pass goes on; when nothing usable came back (the provider is down or
+        overloaded), the page's orders stay due and the rest of the pass waits for the next one.
+        """
         try:
             readings = await self.clients[provider].status_readings(
                 [order.upstream_order for order in page],
@@ -178,6 +183,9 @@ class OrderSync:
         except UpstreamError as exc:
             failed.set()
             log.warning("status_call_failed", provider=provider, error=exc.message)
+            return
+        except Exception:  # the client raises only UpstreamError; a bug must not end the pass
+            log.exception("status_call_crashed", provider=provider)
             return
         finally:
             gate.release()
