@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import Enum, StrEnum
 from functools import partial
@@ -20,6 +21,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from router import v2
 
+CONFIG_VERSION_LENGTH: Final = 12
 CONFIG_ENV_VAR: Final = "SMM_ROUTER_CONFIG"
 DEFAULT_CONFIG_PATH: Final = Path("config/router.yaml")
 DEFAULT_UPSTREAM_TIMEOUT: Final = 15.0
@@ -172,6 +174,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     health: Health = field(default_factory=Health)
     routing: Routing = field(default_factory=Routing)
+    # A short hash of the file it was read from: each order records the version that routed it,
+    # and a reload shows which one runs. Empty for a config built in code.
+    version: str = ""
 
 
 class ConfigError(Exception):
@@ -225,7 +230,12 @@ def _parse(text: str, *, base_dir: Path, env: Mapping[str, str], source: str) ->
         raise ConfigError(loader.duplicates + problems) from None
     if loader.duplicates:
         raise ConfigError(loader.duplicates)
-    return config
+    return replace(config, version=config_version(text))
+
+
+def config_version(text: str) -> str:
+    """The version of a config file's text: its SHA-256, shortened as git shortens commits."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:CONFIG_VERSION_LENGTH]
 
 
 # --- YAML ----------------------------------------------------------------------------------------

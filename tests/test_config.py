@@ -810,3 +810,14 @@ def test_the_local_config_loads() -> None:
     config = load(path, env=env_for(path))
     assert config.providers and config.services
     assert config.database.is_absolute()
+
+
+def test_the_version_follows_the_file_text(tmp_path: Path) -> None:
+    """Each order records the version of the config that routed it: the same text gives the
+    same version, any change another."""
+    first = tmp_path / "a.yaml"
+    first.write_text(yaml.safe_dump(base()))
+    version = load(first, env=ENV).version
+    assert len(version) == 12 and version == load(first, env=ENV).version
+    first.write_text(first.read_text() + "\n# a comment is a change too\n")
+    assert load(first, env=ENV).version not in ("", version)
