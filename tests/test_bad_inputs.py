@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from router import v2
+from router.metrics import ACTIONS, UNKNOWN_ACTION
 from tests.conftest import Router, RouterFactory, SimFactory, service
 
 GOOD = {"action": "add", "service": "1", "link": "https://instagram.com/x", "quantity": "100"}
@@ -24,6 +25,7 @@ async def world(start_sim: SimFactory, start_router: RouterFactory) -> Any:
             service(1, [("alpha", 101)], rate="1.00", min=50, max=10000),
             service(2, [("alpha", 103)], type="Custom Comments", rate="10.00", min=1, max=100),
             service(3, [("alpha", 105)], type="Mentions", rate="2.00", min=10, max=1000),
+            service(4, [("alpha", 107)], rate="1.00", min=50, max=10000, dripfeed=True),
         ],
     )
     key = await router.reseller("acme", "100")
@@ -54,7 +56,34 @@ CASES: list[tuple[str, dict[str, str | None], str]] = [
     ("non-numeric quantity", {"quantity": "lots"}, v2.INCORRECT_REQUEST),
     ("negative quantity", {"quantity": "-100"}, v2.INCORRECT_REQUEST),
     ("fractional quantity", {"quantity": "100.5"}, v2.INCORRECT_REQUEST),
-    ("huge quantity", {"quantity": "9" * 40}, v2.quantity_above(10000)),
+    # Numbers are plain and at most 16 digits long, leading zeros included: never truncated.
+    ("huge quantity", {"quantity": "9" * 40}, v2.INCORRECT_REQUEST),
+    ("17-digit quantity", {"quantity": "9" * 17}, v2.INCORRECT_REQUEST),
+    ("16-digit quantity", {"quantity": "9" * 16}, v2.quantity_above(10000)),
+    ("zero-padded quantity", {"quantity": "0000000000000000000100000"}, v2.INCORRECT_REQUEST),
+    ("zero-padded 17 digits", {"quantity": "0" * 14 + "100"}, v2.INCORRECT_REQUEST),
+    ("exponent quantity", {"quantity": "1e3"}, v2.INCORRECT_REQUEST),
+    ("hex quantity", {"quantity": "0x64"}, v2.INCORRECT_REQUEST),
+    ("signed quantity", {"quantity": "+100"}, v2.INCORRECT_REQUEST),
+    ("fullwidth quantity", {"quantity": "\uff11\uff10\uff10"}, v2.INCORRECT_REQUEST),
+    (
+        "zero-padded runs",
+        {"service": "4", "runs": "0" * 18 + "3", "interval": "10"},
+        v2.INCORRECT_REQUEST,
+    ),
+    (
+        "zero-padded interval",
+        {"service": "4", "runs": "3", "interval": "0" * 18 + "10"},
+        v2.INCORRECT_REQUEST,
+    ),
+    (
+        "drip-feed zero-padded quantity",
+        {"service": "4", "runs": "3", "interval": "10", "quantity": "0" * 20 + "100"},
+        v2.INCORRECT_REQUEST,
+    ),
+    ("too many runs", {"service": "4", "runs": "1001", "interval": "10"}, v2.INCORRECT_REQUEST),
+    ("zero runs", {"service": "4", "runs": "0", "interval": "10"}, v2.INCORRECT_REQUEST),
+    ("zero-padded service", {"service": "0" * 19 + "1"}, v2.INCORRECT_SERVICE),
     ("quantity below min", {"quantity": "49"}, v2.quantity_below(50)),
     ("zero quantity", {"quantity": "0"}, v2.quantity_below(50)),
     ("quantity above max", {"quantity": "10001"}, v2.quantity_above(10000)),
@@ -65,6 +94,12 @@ CASES: list[tuple[str, dict[str, str | None], str]] = [
     ("empty link", {"link": "  "}, v2.INCORRECT_LINK),
     ("over-long link", {"link": "https://x.com/" + "a" * 2040}, v2.INCORRECT_LINK),
     ("control character in link", {"link": "https://x.com/\x00a"}, v2.INCORRECT_LINK),
+    # Each end of each range of invisible characters (zero-width, bidi controls).
+    *[
+        (f"U+{ord(char):04X} in link", {"link": f"https://x.com/{char}a"}, v2.INCORRECT_LINK)
+        for char in "\u200b\u200f\u202a\u202e\u2066\u2069\ufeff"
+    ],
+    ("bidi override around link", {"link": "\u202ehttps://x.com/a\u202c"}, v2.INCORRECT_LINK),
     ("comments missing", {"service": "2", "quantity": None}, v2.INCORRECT_REQUEST),
     ("comments blank", {"service": "2", "comments": "\n \r\n"}, v2.INCORRECT_REQUEST),
     ("usernames missing for mentions", {"service": "3"}, v2.INCORRECT_REQUEST),
@@ -124,6 +159,35 @@ async def test_non_numeric_ids(world: Any) -> None:
     assert await router.call(key=key, action="cancel", orders="x") == [
         {"order": "x", "cancel": {"error": v2.INCORRECT_ORDER}}
     ]
+
+
+async def test_leading_zeros_count_within_the_length_bound(world: Any) -> None:
+    """A 16-character number may be zero-padded; past 16 characters it is malformed, never cut
+    short to its first digits (an order ID stays unknown, an order stays unplaced)."""
+    sim, router, key, other_order = world
+    answer = await router.call(key=key, **{**GOOD, "quantity": "0000000000000100"})
+    assert "order" in answer
+    assert sim.received_actions("add")[-1].params["quantity"] == "100"
+    padded = str(answer["order"]).zfill(16)
+    long_id = str(answer["order"]).zfill(17)
+    view = await router.call(key=key, action="status", order=answer["order"])
+    assert await router.call(key=key, action="status", order=padded) == view
+    before = await snapshot(router)
+    assert await router.call(key=key, action="status", order=long_id) == {
+        "error": v2.INCORRECT_ORDER
+    }
+    assert await router.call(key=key, action="status", orders=f"{long_id},{padded}") == {
+        long_id: {"error": v2.INCORRECT_ORDER},
+        padded: view,
+    }
+    assert await router.call(key=key, action="cancel", orders=long_id) == [
+        {"order": long_id, "cancel": {"error": v2.INCORRECT_ORDER}}
+    ]
+    assert await router.call(key=key, action="refill_status", refill="0" * 17 + "1") == {
+        "error": v2.REFILL_NOT_FOUND
+    }
+    assert await snapshot(router) == before
+    assert sim.received_actions("cancel") == []
 
 
 async def test_another_resellers_order_looks_unknown(world: Any) -> None:
@@ -248,6 +312,14 @@ def _errors_in(answer: Any) -> list[str]:
     return []
 
 
+def internal_errors(router: Router) -> float:
+    """Requests that ended in `V2Api.handle`'s catch-all for crashes, over every action."""
+    return sum(
+        router.metric("smm_router_requests_total", action=action, outcome="internal_error")
+        for action in (*ACTIONS, UNKNOWN_ACTION)
+    )
+
+
 async def test_random_requests_never_break_the_api(world: Any) -> None:
     """Hundreds of random mixes of actions, fields, values and encodings: every answer is HTTP
     200 JSON, every error a V2.md message, and the ledger still balances."""
@@ -268,6 +340,8 @@ async def test_random_requests_never_break_the_api(world: Any) -> None:
         answer = await response.json()
         for message in _errors_in(answer):
             assert message in KNOWN_ERRORS or message.startswith("Quantity"), (params, answer)
+        # `Service temporarily unavailable` is also what a crash answers: tell them apart.
+        assert internal_errors(router) == 0, (encoding, params, answer)
     acme = await router.store.reseller_by_name("acme")
     assert acme is not None
     assert await router.store.ledger_sum(acme.id) == acme.balance >= 0
