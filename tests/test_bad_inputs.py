@@ -164,7 +164,7 @@ async def test_non_numeric_ids(world: Any) -> None:
 async def test_leading_zeros_count_within_the_length_bound(world: Any) -> None:
     """A 16-character number may be zero-padded; past 16 characters it is malformed, never cut
     short to its first digits (an order ID stays unknown, an order stays unplaced)."""
-    sim, router, key, other_order = world
+    sim, router, key, _ = world
     answer = await router.call(key=key, **{**GOOD, "quantity": "0000000000000100"})
     assert "order" in answer
     assert sim.received_actions("add")[-1].params["quantity"] == "100"
@@ -252,6 +252,46 @@ async def test_non_utf8_bytes(world: Any) -> None:
     assert await snapshot(router) == before
 
 
+def _multipart(key: str, headers: str, raw: bytes) -> bytes:
+    """A multipart body: `key`, then an `action` part with extra `headers` holding `raw`."""
+    return (
+        b'--BB\r\nContent-Disposition: form-data; name="key"\r\n\r\n' + key.encode() + b"\r\n"
+        b'--BB\r\nContent-Disposition: form-data; name="action"\r\n' + headers.encode()
+        + b"\r\n\r\n" + raw + b"\r\n--BB--\r\n"
+    )  # fmt: skip
+
+
+async def test_bodies_that_do_not_decode(world: Any) -> None:
+    """A part in an unknown charset or transfer encoding, a compressed body that does not
+    decompress, a JSON string with a lone surrogate: each malformed, none a crash."""
+    _, router, key, _ = world
+    before = await snapshot(router)
+    multipart = {"Content-Type": "multipart/form-data; boundary=BB"}
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    json_type = {"Content-Type": "application/json"}
+    bodies = [
+        (multipart, _multipart(key, "Content-Type: text/plain; charset=no-such", b"balance")),
+        (multipart, _multipart(key, "Content-Type: text/plain; charset=rot13", b"balance")),
+        (multipart, _multipart(key, "Content-Transfer-Encoding: no-such", b"balance")),
+        (multipart, _multipart(key, "Content-Transfer-Encoding: base64", b"!!")),
+        (form | {"Content-Encoding": "gzip"}, b"not gzip"),
+        (form | {"Content-Encoding": "deflate"}, b"not deflate"),
+        (json_type, b'{"key": "' + key.encode() + b'", "action": "balance", "x": "\\ud800"}'),
+        (json_type, b'{"key": "\\udfff", "action": "balance"}'),
+        (json_type, b'{"key": "' + key.encode() + b'", "action": "balance", "\\ud800": "1"}'),
+    ]
+    for headers, body in bodies:
+        # A fresh connection each: aiohttp closes one whose body it could not read.
+        response = await router.client.post(
+            "/api/v2", data=body, headers=headers | {"Connection": "close"}
+        )
+        assert response.status == 200, (headers, body)
+        assert response.content_type == "application/json"
+        assert await response.json() == {"error": v2.INCORRECT_REQUEST}, (headers, body)
+    assert internal_errors(router) == 0
+    assert await snapshot(router) == before
+
+
 async def test_key_never_in_answers_or_logs(world: Any) -> None:
     from structlog.testing import capture_logs
 
@@ -291,9 +331,16 @@ FUZZ_VALUES = [
     "x" * 3000,
     "https://instagram.com/p/1",
     "a\nb\r\nc",
+    "0000000000000000000100000",
+    "0000000000000100",
+    "9999999999999999",
+    "\u200bx",
+    "x\ufeff",
+    "\ud800",  # a lone surrogate: only JSON can carry one (sent as "\\ud800")
+    "a\udfffb",
 ]
 FUZZ_FIELDS = ["action", "service", "link", "quantity", "order", "orders", "refill", "refills",
-               "comments", "usernames", "runs", "interval", "answer_number"]  # fmt: skip
+               "comments", "usernames", "runs", "interval", "answer_number", "key"]  # fmt: skip
 FUZZ_ACTIONS = ["services", "add", "status", "refill", "refill_status", "cancel", "balance", "x"]
 KNOWN_ERRORS = {
     v2.INVALID_KEY, v2.INCORRECT_REQUEST, v2.INCORRECT_SERVICE, v2.INCORRECT_ORDER,
@@ -310,6 +357,10 @@ def _errors_in(answer: Any) -> list[str]:
     if isinstance(answer, list):
         return [e for item in answer for e in _errors_in(item)]
     return []
+
+
+def _surrogates(text: str) -> bool:
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
 
 
 def internal_errors(router: Router) -> float:
@@ -332,7 +383,9 @@ async def test_random_requests_never_break_the_api(world: Any) -> None:
         for field in rng.sample(FUZZ_FIELDS, rng.randint(0, 5)):
             params[field] = rng.choice(FUZZ_VALUES)
         encoding = rng.choice(["get", "form", "multipart", "json"])
-        if encoding == "get" and len(urllib.parse.urlencode(params)) > 6000:
+        if any(_surrogates(value) for value in params.values()):
+            encoding = "json"  # the other encodings cannot carry one
+        elif encoding == "get" and len(urllib.parse.urlencode(params)) > 6000:
             encoding = "form"  # a URL that long is refused by aiohttp's client before sending
         response = await router.raw(encoding, **params)
         assert response.status == 200, (params, await response.text())
