@@ -115,7 +115,9 @@ class SimOrder:
     created_at: float
     clock: Callable[[], float] = field(repr=False, compare=False)  # SimProvider.now
     duration: float = field(repr=False, compare=False)  # progress_seconds
-    partial_remains: int = 0  # what stays undelivered at the end; 0: it ends Completed
+    # What stays undelivered at the end: above 0 it ends Partial; 0 or below it ends Completed
+    # (below 0: over-delivered, reported as negative remains as some panels do).
+    partial_remains: int = 0
     canceled_at: float | None = None
     canceled_remains: int = 0
 
@@ -138,9 +140,9 @@ class SimOrder:
                 (1 - PENDING_SHARE) * self.duration
             )
             return v2.IN_PROGRESS, self.quantity - int(target * share), self.cost
-        if self.partial_remains:
-            return v2.PARTIAL, self.partial_remains, self.cost_of(target)
-        return v2.COMPLETED, 0, self.cost
+        if self.partial_remains > 0:
+            return v2.PARTIAL, self.partial_remains, self.cost_of(max(target, 0))
+        return v2.COMPLETED, self.partial_remains, self.cost
 
     def cost_of(self, delivered: int) -> Decimal:
         return self.cost if delivered == self.quantity else self.cost * delivered / self.quantity
@@ -270,6 +272,14 @@ class SimProvider:
             self._stalled.add(action)
         else:
             self._stalled.discard(action)
+
+    def end_with_remains(self, order_id: int, remains: int) -> None:
+        """Make an order end with `remains` undelivered: Partial (refunded its undelivered
+        share) above 0, Completed at 0, Completed and over-delivered below 0."""
+        order = self.orders[order_id]
+        if remains > 0 >= order.partial_remains:
+            heapq.heappush(self._partials, (order.created_at + order.duration, order_id))
+        order.partial_remains = remains
 
     def create_orders(
         self, service: int, count: int, *, quantity: int = 1000, link: str = "https://x.test/a"

@@ -103,7 +103,8 @@ class AddResult:
 @dataclass(frozen=True, slots=True)
 class UpstreamStatus:
     status: str  # one of v2.ORDER_STATUSES
-    remains: int | None  # clamped to [0, quantity]; None when the upstream does not know
+    remains: int | None  # at least 0, at most the quantity when one is given (counted orders);
+    # None when the upstream does not know
     start_count: int | None
     charge: Decimal | None
     currency: str | None

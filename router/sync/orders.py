@@ -170,10 +170,16 @@ class OrderSync:
         due_by: float,
     ) -> None:
         """One multi-status call (holding a slot of `gate`) and its answers recorded."""
+        # Remains are clamped to the quantity of counted orders only: a package's (flat-priced)
+        # count units of a size we do not know, and its charged quantity is 1.
+        quantities = {
+            order.upstream_order: order.quantity
+            for order in page
+            if not self._flat_priced(order.service)
+        }
         try:
             readings = await self.clients[provider].status_readings(
-                [order.upstream_order for order in page],
-                {order.upstream_order: order.quantity for order in page},
+                [order.upstream_order for order in page], quantities
             )
         except UpstreamError as exc:
             failed.set()
