@@ -217,6 +217,7 @@ class SimProvider:
         self._rng = random.Random(seed)
         self._faults: dict[int | None, Fault] = {}
         self._stalled: set[str] = set()
+        self._echoing: set[str] = set()
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
         self._catalogue = [
             {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
@@ -272,6 +273,14 @@ class SimProvider:
             self._stalled.add(action)
         else:
             self._stalled.discard(action)
+
+    def echo_key(self, action: str, echoing: bool = True) -> None:
+        """Answer every `action` request with an HTTP 500 page that quotes the key it was sent,
+        as a PHP error page dumping the request does; nothing is created."""
+        if echoing:
+            self._echoing.add(action)
+        else:
+            self._echoing.discard(action)
 
     def end_with_remains(self, order_id: int, remains: int) -> None:
         """Make an order end with `remains` undelivered: Partial (refunded its undelivered
@@ -344,6 +353,12 @@ class SimProvider:
         try:
             if not hmac.compare_digest(key.encode(), self.key.encode()):
                 raise V2Error(v2.INVALID_KEY)
+            if action in self._echoing:
+                page = (
+                    "<b>Fatal error</b>: Uncaught PDOException in api.php:42 "
+                    f"(action={action}, key={key})"
+                )
+                return web.Response(status=500, text=page, content_type="text/html")
             self._settle(now)
             if action == "add":
                 return await self._add(request, params)

@@ -541,7 +541,9 @@ class UpstreamClient:
                 allow_redirects=False,  # a redirected POST would be re-sent as a bare GET
                 raise_for_status=False,
             ) as response:
-                answer = await _read_body(response)
+                # Redacted whole, before any error text cuts it: a key split by the cut would
+                # leave its first characters in the text.
+                answer = self._redact(await _read_body(response))
                 return response.status, response.headers.get(aiohttp.hdrs.CONTENT_TYPE, ""), answer
         except _TRANSPORT_ERRORS as exc:
             detail = str(exc) or f"no complete answer within {self._provider.timeout:g} s"

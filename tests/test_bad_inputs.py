@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 import urllib.parse
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import structlog
 
-from router import v2
+from router import logs, v2
+from router.app import ORDER_SYNC
 from router.metrics import ACTIONS, UNKNOWN_ACTION
-from tests.conftest import Router, RouterFactory, SimFactory, service
+from tests.conftest import SIM_KEY, Router, RouterFactory, SimFactory, service
 
 GOOD = {"action": "add", "service": "1", "link": "https://instagram.com/x", "quantity": "100"}
 
@@ -292,17 +296,85 @@ async def test_bodies_that_do_not_decode(world: Any) -> None:
     assert await snapshot(router) == before
 
 
-async def test_key_never_in_answers_or_logs(world: Any) -> None:
-    from structlog.testing import capture_logs
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The server's own log pipeline (`logs.configure`, every processor) into a buffer; the
+    previous structlog configuration is restored afterwards."""
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    yield stream
+    structlog.configure(**saved)
 
-    _, router, key, _ = world
-    with capture_logs() as logs:
-        answer = await router.call(key=key + "x", action="balance")
-        await router.call(key=key, **GOOD)
-    assert key not in str(answer)
-    assert logs and key not in repr(logs)
-    requests = [entry for entry in logs if entry["event"] == "request"]
-    assert [entry["outcome"] for entry in requests] == ["invalid_key", "ok"]
+
+def _fragments(secret: str, size: int = 6) -> set[str]:
+    """Every piece of `secret` of `size` characters (a cut-off key leaks too), but the pieces
+    of only digits: a timestamp or an ID may hold those by chance."""
+    pieces = {secret[i : i + size] for i in range(len(secret) - size + 1)}
+    return {piece for piece in pieces if not piece.isdigit()}
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "console"])
+async def test_keys_never_in_answers_or_logs(
+    start_sim: SimFactory,
+    start_router: RouterFactory,
+    log_stream: io.StringIO,
+    json_lines: bool,
+) -> None:
+    """Through the real log pipeline: requests that carry the reseller key everywhere it could
+    leak, and upstream errors that echo the upstream key (cut where an error text is cut)."""
+    good, echoing = await start_sim(), await start_sim()
+    router = await start_router(
+        {"good": good.url, "echoing": echoing.url},
+        [service(1, [("good", 101)], min=10), service(2, [("echoing", 101)], min=10)],
+    )
+    key = await router.reseller("acme", "100")
+    logs.configure(json_lines=json_lines, stream=log_stream)
+    order = {"action": "add", "link": "https://x.com/a", "quantity": "100"}
+
+    answers = [
+        await router.call("form", key=key + "x", action="balance"),
+        await router.call("get", key=key, **{**order, "service": "1", "quantity": "lots"}),
+        await router.call("json", key=key, action="transfer", to=key),
+        await router.call("multipart", key=key, **{**order, "service": "1", "link": "\u202ex"}),
+        await router.call("form", key=key, **order, service="1"),
+    ]
+    placed = answers[-1]["order"]
+    echoing.echo_key("add")  # an ambiguous answer: the order is held, its error logged
+    held = (await router.call("form", key=key, **order, service="2"))["order"]
+    good.echo_key("status")
+    await router.app[ORDER_SYNC].run_once()
+    good.echo_key("cancel")
+    cancel = await router.call("form", key=key, action="cancel", orders=str(placed))
+    # A future log call that passes a key by name, as a careless one would.
+    structlog.get_logger("router.test").warning(
+        "params_logged", key=key, params={"key": key, "inner": {"api_key": SIM_KEY}}
+    )
+
+    out = log_stream.getvalue()
+    assert key not in str(answers) + str(cancel)
+    assert key not in out
+    assert not {piece for piece in _fragments(SIM_KEY) if piece in out}, out
+    held_order = await router.store.order(held)
+    assert held_order is not None and held_order.state == "held"
+    (attempt,) = await router.store.attempts(held)  # what `orders show` prints
+    assert attempt.error and "key=***" in attempt.error
+    assert not {piece for piece in _fragments(SIM_KEY) if piece in attempt.error}
+    events = ["request", "order_held", "status_call_failed", "cancel_failed", "params_logged"]
+    if not json_lines:
+        assert all(event in out for event in events)
+        assert out.count(logs.REDACTED) >= 3
+        return
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert {line["event"] for line in lines} == set(events)
+    outcomes = [line["outcome"] for line in lines if line["event"] == "request"]
+    assert outcomes == ["invalid_key", "incorrect_request", "incorrect_request",
+                        "incorrect_link", "ok", "ok", "ok"]  # fmt: skip
+    for event in ("order_held", "status_call_failed", "cancel_failed"):
+        (line,) = [line for line in lines if line["event"] == event]
+        assert "HTTP 500" in line["error"] and "key=***" in line["error"], line
+    (careless,) = [line for line in lines if line["event"] == "params_logged"]
+    assert careless["key"] == logs.REDACTED
+    assert careless["params"] == {"key": logs.REDACTED, "inner": {"api_key": logs.REDACTED}}
 
 
 FUZZ_VALUES = [
