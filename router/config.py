@@ -589,8 +589,6 @@ def _service(service_id: int, declared: set[Any] | None, value: object) -> Servi
     low, high, kind = fields.get("min"), fields.get("max"), fields.get("type")
     if low and high and low > high:
         found.add("min", f"min {low} is greater than max {high}")
-    if fields.get("dripfeed") and kind and not v2.SERVICE_TYPES[kind].dripfeed:
-        found.add("dripfeed", f"type '{kind}' does not support drip-feed")
     rate = fields.get("rate")
     # A flat-priced type charges `rate` once: at most 5 places and more than 0, never free.
     if rate and low and kind and v2.SERVICE_TYPES[kind].quantity != "flat":
@@ -601,6 +599,8 @@ def _service(service_id: int, declared: set[Any] | None, value: object) -> Servi
                 f"an order of min {low} at rate {rate} costs {cheapest:f}, less than "
                 f"{_MINOR_UNIT:f} (the least amount charged): it would be free; raise rate or min",
             )
+    if fields.get("dripfeed") and kind and not v2.SERVICE_TYPES[kind].dripfeed:
+        found.add("dripfeed", f"type '{kind}' does not support drip-feed")
     found.done()
     return Service(id=service_id, **{**_SERVICE_FLAGS, **fields})
 

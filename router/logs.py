@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import structlog
 
@@ -25,14 +25,10 @@ def redact_secrets(
     return event_dict
 
 
-def configure(
-    *, json_lines: bool | None = None, level: int = logging.INFO, stream: TextIO | None = None
-) -> None:
-    """Configure structlog once for the process, writing to `stream` (default: stderr).
-    `json_lines` defaults to "the stream is no TTY"."""
-    stream = sys.stderr if stream is None else stream
+def configure(*, json_lines: bool | None = None, level: int = logging.INFO) -> None:
+    """Configure structlog once for the process. `json_lines` defaults to "stderr is no TTY"."""
     if json_lines is None:
-        json_lines = not stream.isatty()
+        json_lines = not sys.stderr.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
     )
@@ -46,6 +42,6 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,  # capture_logs in tests needs it
     )

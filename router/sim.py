@@ -215,9 +215,9 @@ class SimProvider:
         self._next_order_id = first_order_id
         self._offset = 0.0
         self._rng = random.Random(seed)
+        self._echoing: set[str] = set()
         self._faults: dict[int | None, Fault] = {}
         self._stalled: set[str] = set()
-        self._echoing: set[str] = set()
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
         self._catalogue = [
             {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
@@ -263,17 +263,6 @@ class SimProvider:
         else:
             self._faults[service] = fault
 
-    def set_balance(self, amount: Decimal) -> None:
-        self._balance = amount
-
-    def stall(self, action: str, stalled: bool = True) -> None:
-        """Leave every `action` request unanswered until the simulator stops (then reset it):
-        a provider that hangs."""
-        if stalled:
-            self._stalled.add(action)
-        else:
-            self._stalled.discard(action)
-
     def echo_key(self, action: str, echoing: bool = True) -> None:
         """Answer every `action` request with an HTTP 500 page that quotes the key it was sent,
         as a PHP error page dumping the request does; nothing is created."""
@@ -289,6 +278,17 @@ class SimProvider:
         if remains > 0 >= order.partial_remains:
             heapq.heappush(self._partials, (order.created_at + order.duration, order_id))
         order.partial_remains = remains
+
+    def set_balance(self, amount: Decimal) -> None:
+        self._balance = amount
+
+    def stall(self, action: str, stalled: bool = True) -> None:
+        """Leave every `action` request unanswered until the simulator stops (then reset it):
+        a provider that hangs."""
+        if stalled:
+            self._stalled.add(action)
+        else:
+            self._stalled.discard(action)
 
     def create_orders(
         self, service: int, count: int, *, quantity: int = 1000, link: str = "https://x.test/a"

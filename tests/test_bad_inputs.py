@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -296,13 +297,25 @@ async def test_bodies_that_do_not_decode(world: Any) -> None:
     assert await snapshot(router) == before
 
 
+LogSetUp = Callable[[bool], io.StringIO]
+
+
 @pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """The server's own log pipeline (`logs.configure`, every processor) into a buffer; the
-    previous structlog configuration is restored afterwards."""
+def server_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogSetUp]:
+    """`server_logs(json_lines)`: the server's own log pipeline (`logs.configure`, as `serve`
+    calls it, every processor) writing into the buffer it returns; the previous structlog
+    configuration is restored afterwards."""
     saved = structlog.get_config()
-    stream = io.StringIO()
-    yield stream
+
+    def set_up(json_lines: bool) -> io.StringIO:
+        stream = io.StringIO()
+        # configure binds the stderr of the moment; set here, in the test, as pytest's own
+        # capture swaps stderr between set-up and the test.
+        monkeypatch.setattr(sys, "stderr", stream)
+        logs.configure(json_lines=json_lines)
+        return stream
+
+    yield set_up
     structlog.configure(**saved)
 
 
@@ -317,7 +330,7 @@ def _fragments(secret: str, size: int = 6) -> set[str]:
 async def test_keys_never_in_answers_or_logs(
     start_sim: SimFactory,
     start_router: RouterFactory,
-    log_stream: io.StringIO,
+    server_logs: LogSetUp,
     json_lines: bool,
 ) -> None:
     """Through the real log pipeline: requests that carry the reseller key everywhere it could
@@ -328,7 +341,7 @@ async def test_keys_never_in_answers_or_logs(
         [service(1, [("good", 101)], min=10), service(2, [("echoing", 101)], min=10)],
     )
     key = await router.reseller("acme", "100")
-    logs.configure(json_lines=json_lines, stream=log_stream)
+    log_stream = server_logs(json_lines)
     order = {"action": "add", "link": "https://x.com/a", "quantity": "100"}
 
     answers = [
