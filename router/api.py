@@ -87,10 +87,19 @@ def _form_pairs(raw: bytes | str) -> list[tuple[str, str]]:
         raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
 
 
+def _unicode(text: str) -> str:
+    """`text`, if it is Unicode text: a lone surrogate (JSON's `"\\ud800"`) is malformed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
+    return text
+
+
 def _json_value(value: object) -> str:
     """A JSON body's value as the string a form would carry (lists of IDs become `1,2,3`)."""
     if isinstance(value, str):
-        return value
+        return _unicode(value)
     if isinstance(value, bool) or value is None:
         raise v2.V2Error(v2.INCORRECT_REQUEST)
     if isinstance(value, int):
@@ -122,12 +131,15 @@ async def read_params(request: web.Request) -> dict[str, str]:
                 raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
             if not isinstance(data, dict):
                 raise v2.V2Error(v2.INCORRECT_REQUEST)
-            params.update((str(name), _json_value(value)) for name, value in data.items())
+            params.update((_unicode(name), _json_value(value)) for name, value in data.items())
         else:  # form-urlencoded, and clients that send it without saying so
             params.update(_form_pairs(await request.read()))
     except web.HTTPRequestEntityTooLarge as exc:
         raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
-    except (ValueError, UnicodeDecodeError) as exc:  # a broken multipart body
+    # A broken multipart body (ValueError), a part in an unknown charset (LookupError) or
+    # transfer encoding (aiohttp raises RuntimeError), a body whose Content-Encoding does not
+    # decompress (RequestPayloadError): the request is malformed, nothing of ours failed.
+    except (ValueError, LookupError, RuntimeError, web.RequestPayloadError) as exc:
         raise v2.V2Error(v2.INCORRECT_REQUEST) from exc
     return _with_idempotency_key(params, request)
 

@@ -8,15 +8,16 @@ import contextlib
 import getpass
 import json
 import math
+import re
 import secrets
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -35,6 +36,9 @@ from router.upstream import CallRecord, UpstreamClient
 T = TypeVar("T")
 
 KEY_BYTES = 24
+MAX_AMOUNT_DIGITS: Final = 12  # whole digits of an amount: below a trillion, far from overflow
+_AMOUNT: Final = re.compile(r"-?(?P<whole>[0-9]+)(?:\.(?P<decimals>[0-9]+))?")
+_SHOWN_CHARS: Final = 40  # of a refused amount, in its one-line error
 
 
 class CommandError(Exception):
@@ -46,13 +50,27 @@ def new_key() -> str:
 
 
 def parse_amount(text: str) -> int:
-    """A money amount typed by the operator ("25", "10.50") in minor units."""
-    try:
-        amount = Decimal(text)
-    except InvalidOperation as exc:
-        raise CommandError(f"not an amount: {text!r}") from exc
-    if not amount.is_finite() or amount != amount.quantize(Decimal(1).scaleb(-v2.MONEY_PLACES)):
-        raise CommandError(f"amount must be a number with at most {v2.MONEY_PLACES} decimals")
+    """A money amount typed by the operator ("25", "10.50", "-3") in minor units.
+
+    Only a plain decimal: digits, an optional leading minus and at most MONEY_PLACES decimals,
+    below 10**MAX_AMOUNT_DIGITS. No exponent ("1e3"), NaN, Infinity, hex, nor "-0"; raise
+    CommandError (one line) for anything else.
+    """
+    plain = text.strip()
+    shown = repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
+    match = _AMOUNT.fullmatch(plain)
+    if match is None:
+        raise CommandError(f"not a plain decimal amount: {shown} (write it as 25 or -10.50)")
+    whole, decimals = match.group("whole", "decimals")
+    if len(decimals or "") > v2.MONEY_PLACES:
+        raise CommandError(f"amount {shown} has more than {v2.MONEY_PLACES} decimals")
+    if len(whole) > MAX_AMOUNT_DIGITS:
+        raise CommandError(
+            f"amount {shown} is too large: at most {MAX_AMOUNT_DIGITS} digits before the point"
+        )
+    amount = Decimal(plain)
+    if amount == 0 and plain.startswith("-"):
+        raise CommandError(f"not a plain decimal amount: {shown} (write 0, not -0)")
     return v2.to_minor(amount)
 
 

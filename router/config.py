@@ -509,6 +509,14 @@ def _decimal(value: object, *, positive: bool = False, places: int | None = None
     return number
 
 
+def _rate(value: object) -> Decimal:
+    """A service's price per 1000: a decimal with at most MONEY_PLACES places, more than 0."""
+    rate = _decimal(value, places=v2.MONEY_PLACES)
+    if rate == 0:
+        _fail("must be greater than 0: a rate of 0 gives every order away")
+    return rate
+
+
 def _integer(value: object, *, low: int, high: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(f"expected {what}, got {_kind(value)}")
@@ -536,7 +544,8 @@ _QUANTITY: Final = partial(
     _integer, low=1, high=v2.MAX_QUANTITY, what=f"a positive integer up to {v2.MAX_QUANTITY}"
 )
 _UPSTREAM_ID: Final = partial(_integer, low=1, high=v2.MAX_ID, what="a positive integer service ID")
-_RATE: Final = partial(_decimal, places=v2.MONEY_PLACES)
+_RATE: Final = _rate
+_MINOR_UNIT: Final = Decimal(1) / v2.MINOR_PER_UNIT  # the least amount the ledger can charge
 _FX_RATE: Final = partial(_decimal, positive=True)
 _SPEND_CAP: Final = partial(_decimal, positive=True, places=v2.MONEY_PLACES)
 _WEIGHT: Final = partial(
@@ -740,6 +749,16 @@ def _service(
     low, high, kind = fields.get("min"), fields.get("max"), fields.get("type")
     if low and high and low > high:
         found.add("min", f"min {low} is greater than max {high}")
+    rate = fields.get("rate")
+    # A flat-priced type charges `rate` once: at most 5 places and more than 0, never free.
+    if rate and low and kind and v2.SERVICE_TYPES[kind].quantity != "flat":
+        cheapest = rate * low / 1000
+        if cheapest < _MINOR_UNIT:
+            found.add(
+                "rate",
+                f"an order of min {low} at rate {rate} costs {cheapest:f}, less than "
+                f"{_MINOR_UNIT:f} (the least amount charged): it would be free; raise rate or min",
+            )
     if fields.get("dripfeed") and kind and not v2.SERVICE_TYPES[kind].dripfeed:
         found.add("dripfeed", f"type '{kind}' does not support drip-feed")
     # A weighted draw over routes without weights would be a guess: say so where it is missing.

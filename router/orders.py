@@ -72,10 +72,11 @@ def _positive(params: Mapping[str, str], name: str, maximum: int) -> int:
 
 
 def _quantity(params: Mapping[str, str], service: Service) -> int:
-    raw = params.get("quantity")
-    if raw is None or not raw.strip().isdecimal() or not raw.strip().isascii():
+    # Any plain number up to the length bound is a quantity, so that one above the service's
+    # maximum is told so; a longer one is malformed.
+    number = v2.parse_plain_int(params.get("quantity"), maximum=v2.MAX_PLAIN_INT)
+    if number is None:
         raise v2.V2Error(v2.INCORRECT_REQUEST)
-    number = int(raw.strip()[:20])  # 20 digits already exceed any maximum
     if number < service.min:
         raise v2.V2Error(v2.quantity_below(service.min))
     if number > service.max:

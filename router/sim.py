@@ -134,7 +134,9 @@ class SimOrder:
     created_at: float
     clock: Callable[[], float] = field(repr=False, compare=False)  # SimProvider.now
     duration: float = field(repr=False, compare=False)  # progress_seconds
-    partial_remains: int = 0  # what stays undelivered at the end; 0: it ends Completed
+    # What stays undelivered at the end: above 0 it ends Partial; 0 or below it ends Completed
+    # (below 0: over-delivered, reported as negative remains as some panels do).
+    partial_remains: int = 0
     canceled_at: float | None = None
     canceled_remains: int = 0
 
@@ -157,9 +159,9 @@ class SimOrder:
                 (1 - PENDING_SHARE) * self.duration
             )
             return v2.IN_PROGRESS, self.quantity - int(target * share), self.cost
-        if self.partial_remains:
-            return v2.PARTIAL, self.partial_remains, self.cost_of(target)
-        return v2.COMPLETED, 0, self.cost
+        if self.partial_remains > 0:
+            return v2.PARTIAL, self.partial_remains, self.cost_of(max(target, 0))
+        return v2.COMPLETED, self.partial_remains, self.cost
 
     def cost_of(self, delivered: int) -> Decimal:
         return self.cost if delivered == self.quantity else self.cost * delivered / self.quantity
@@ -232,6 +234,7 @@ class SimProvider:
         self._next_order_id = first_order_id
         self._offset = 0.0
         self._rng = random.Random(seed)
+        self._echoing: set[str] = set()
         self._faults: dict[int | None, Fault] = {}
         self._answer_faults: dict[str, Fault] = {}
         self._stalled: set[str] = set()
@@ -300,6 +303,22 @@ class SimProvider:
         gate = self._paused.pop(action, None)
         if gate is not None:
             gate.set()
+
+    def echo_key(self, action: str, echoing: bool = True) -> None:
+        """Answer every `action` request with an HTTP 500 page that quotes the key it was sent,
+        as a PHP error page dumping the request does; nothing is created."""
+        if echoing:
+            self._echoing.add(action)
+        else:
+            self._echoing.discard(action)
+
+    def end_with_remains(self, order_id: int, remains: int) -> None:
+        """Make an order end with `remains` undelivered: Partial (refunded its undelivered
+        share) above 0, Completed at 0, Completed and over-delivered below 0."""
+        order = self.orders[order_id]
+        if remains > 0 >= order.partial_remains:
+            heapq.heappush(self._partials, (order.created_at + order.duration, order_id))
+        order.partial_remains = remains
 
     def set_balance(self, amount: Decimal) -> None:
         self._balance = amount
@@ -382,6 +401,12 @@ class SimProvider:
         try:
             if not hmac.compare_digest(key.encode(), self.key.encode()):
                 raise V2Error(v2.INVALID_KEY)
+            if action in self._echoing:
+                page = (
+                    "<b>Fatal error</b>: Uncaught PDOException in api.php:42 "
+                    f"(action={action}, key={key})"
+                )
+                return web.Response(status=500, text=page, content_type="text/html")
             self._settle(now)
             if action == "add":
                 return await self._add(request, params)

@@ -108,7 +108,8 @@ class AddResult:
 @dataclass(frozen=True, slots=True)
 class UpstreamStatus:
     status: str  # one of v2.ORDER_STATUSES
-    remains: int | None  # clamped to [0, quantity]; None when the upstream does not know
+    remains: int | None  # at least 0, at most the quantity when one is given (counted orders);
+    # None when the upstream does not know
     start_count: int | None
     charge: Decimal | None
     currency: str | None
@@ -714,7 +715,9 @@ class UpstreamClient:
                 allow_redirects=False,  # a redirected POST would be re-sent as a bare GET
                 raise_for_status=False,
             ) as response:
-                answer = await _read_body(response)
+                # Redacted whole, before any error text cuts it: a key split by the cut would
+                # leave its first characters in the text.
+                answer = self._redact_body(await _read_body(response))
                 return response.status, response.headers.get(aiohttp.hdrs.CONTENT_TYPE, ""), answer
         except _TRANSPORT_ERRORS as exc:
             detail = str(exc) or f"no complete answer within {self._provider.timeout:g} s"
@@ -727,6 +730,11 @@ class UpstreamClient:
     def _redact(self, text: str) -> str:
         key = self._provider.key.value
         return text.replace(key, _REDACTED) if key else text
+
+    def _redact_body(self, body: bytes) -> bytes:
+        """`_redact` on the answer as sent, before it is decoded (see parse_answer)."""
+        key = self._provider.key.value.encode("utf-8")
+        return body.replace(key, _REDACTED.encode()) if key else body
 
     def _record(self, action: str, started: float, latency: float, outcome: Outcome) -> None:
         if self._on_call is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final
@@ -54,6 +53,8 @@ MAX_ID: Final = 2**53 - 1  # IDs must survive JavaScript clients as numbers
 MAX_QUANTITY: Final = 1_000_000_000
 MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_DIGITS: Final = 30  # an upstream number with more integer digits than this is garbage
+MAX_PLAIN_DIGITS: Final = 16  # a reseller's number with more digits is malformed, not big
+MAX_PLAIN_INT: Final = 10**MAX_PLAIN_DIGITS - 1
 
 # --- Status words --------------------------------------------------------------------------------
 
@@ -209,11 +210,15 @@ def extract_json(body: str) -> Any:
 
 # --- Strict parsing of reseller input ------------------------------------------------------------
 
-_PLAIN_INT = re.compile(r"[0-9]{1,16}")
+_PLAIN_INT = re.compile(rf"[0-9]{{1,{MAX_PLAIN_DIGITS}}}")
 
 
 def parse_plain_int(value: str | None, *, maximum: int) -> int | None:
-    """A plain decimal integer from 0 to `maximum` (no sign, no spaces inside), else None."""
+    """A plain decimal integer from 0 to `maximum` (no sign, no spaces inside), else None.
+
+    At most MAX_PLAIN_DIGITS digits, leading zeros included: a longer one is refused, never
+    cut short (`"0000000000000000000100000"` is not 1, nor 100000).
+    """
     if value is None:
         return None
     text = value.strip()
@@ -245,20 +250,24 @@ def parse_id_list(value: str | None) -> list[tuple[str, int | None]]:
     return [(token, parse_id(token)) for token in tokens]
 
 
+# Nothing a link may hold: C0, DEL and C1 controls, the line and paragraph separators
+# (U+2028, U+2029), and the invisible characters that make a link read as something it is not:
+# zero-width ones hide inside it (U+200B-U+200F, U+FEFF), bidi embeddings, overrides and
+# isolates reorder how it is displayed (U+202A-U+202E, U+2066-U+2069).
+_NOT_IN_LINK: Final = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]"
+)
+
+
 def check_link(link: str | None) -> str:
     """A link as resellers send it (a URL or a username), or raise V2Error(INCORRECT_LINK)."""
     if link is None:
         raise V2Error(INCORRECT_LINK)
     link = link.strip()
     too_long = len(link) > MAX_LINK_LENGTH
-    if not link or too_long or any(_is_control(ch) for ch in link):
+    if not link or too_long or _NOT_IN_LINK.search(link):
         raise V2Error(INCORRECT_LINK)
     return link
-
-
-def _is_control(char: str) -> bool:
-    """C0, DEL, C1 and the Unicode line/paragraph separators: nothing a link may hold."""
-    return unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
 def non_empty_lines(text: str) -> list[str]:

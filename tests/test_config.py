@@ -135,6 +135,16 @@ def edited(*edits: Edit) -> dict[str, Any]:
     return data
 
 
+ZERO_RATE = "must be greater than 0: a rate of 0 gives every order away"
+
+
+def free_order(low: int, rate: str, cost: str) -> str:
+    return (
+        f"an order of min {low} at rate {rate} costs {cost}, less than 0.00001 "
+        "(the least amount charged): it would be free; raise rate or min"
+    )
+
+
 FLOAT_RATE = 'expected a decimal string such as "0.90", got a float (floats lose money)'
 URL = "expected an http:// or https:// URL with a host"
 PORT = "expected a port number from 1 to 65535"
@@ -342,6 +352,17 @@ RULES = [
         put("services.1.rate", True),
         'services.1.rate: expected a decimal string such as "0.90", got a boolean',
     ),
+    (put("services.1.rate", "0"), f"services.1.rate: {ZERO_RATE}"),
+    (put("services.1.rate", "0.00000"), f"services.1.rate: {ZERO_RATE}"),
+    (put("services.12.rate", 0), f"services.12.rate: {ZERO_RATE}"),
+    (
+        [put("services.1.rate", "0.00019"), put("services.1.min", 50)],  # 0.0000095 per order
+        f"services.1.rate: {free_order(50, '0.00019', '0.0000095')}",
+    ),
+    (
+        put("services.3", service("Custom Comments", rate="0.00999", min=1)),
+        f"services.3.rate: {free_order(1, '0.00999', '0.00000999')}",
+    ),
     # min and max
     (
         [put("services.1.min", 500), put("services.1.max", 100)],
@@ -429,6 +450,17 @@ def test_the_base_config_loads_into_typed_values() -> None:
     assert config.limits == Limits(add=600, status=1200, other=600, in_flight=32)
     with pytest.raises(TypeError):
         config.services[2] = followers  # type: ignore[index]
+
+
+def test_the_cheapest_order_may_cost_exactly_one_minor_unit() -> None:
+    config = check(
+        edited(
+            put("services.1.rate", "0.0002"),  # 50 x 0.0002 / 1000 = 0.00001
+            put("services.12.rate", "0.00001"),  # a package: the rate is the price of one order
+        )
+    )
+    assert config.services[1].rate == Decimal("0.0002")
+    assert config.services[12].rate == Decimal("0.00001")
 
 
 def test_rates_may_be_written_as_integers() -> None:

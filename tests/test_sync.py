@@ -719,7 +719,60 @@ async def test_a_package_ending_partial_is_left_to_the_operator(
 
     view = await router.call(key=key, action="status", order=order_id)
     assert view["status"] == "Partial" and view["charge"] == "2.50"
+    assert view["remains"] == "250"  # of the simulator's 1000-unit package, as it said
     assert await refunds_of(router, order_id) == []
     assert await balances_match(router) == v2.to_minor(Decimal("7.50"))
     events = await router.store.order_history(order_id)
     assert any("operator decides" in (event.detail or "") for event in events)
+
+
+async def test_a_package_shows_the_remains_its_upstream_said(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A package's remains are the upstream's figure, for the operator's refund decision (its
+    charged quantity is 1: clamped to it, they read 0 or 1). Over-delivery still reads 0; a
+    counted order's remains stay within its quantity, so its refund never exceeds its charge."""
+    sim = await start_sim(partial_every=0)
+    clock = SteppedClock()
+    services = [
+        service(3, [("alpha", 102)], type="Package", rate="2.50", min=1, max=1),
+        service(1, [("alpha", 101)], rate="1.00", min=10, max=1000),
+    ]
+    router = await open_router(start_router, clock, {"alpha": sim.url}, services)
+    key = await router.reseller("acme", "10")
+    ends = {"partial package": 600, "over-delivered package": -40, "over-refunded": 5000}
+    orders: dict[str, int] = {}
+    for name, remains in ends.items():
+        params = {"service": 3} if "package" in name else {"service": 1, "quantity": 100}
+        orders[name] = (await router.call(key=key, action="add", link="x", **params))["order"]
+        upstream = (await router.store.order(orders[name])).upstream_order  # type: ignore[union-attr]
+        sim.end_with_remains(upstream, remains)
+    sim.advance(sim.progress_seconds / 2)
+    await sync_round(router, clock)
+    in_progress = await router.call(key=key, action="status", order=orders["partial package"])
+    sim.advance(sim.progress_seconds / 2)
+    await sync_round(router, clock)
+
+    views = {
+        name: await router.call(key=key, action="status", order=order_id)
+        for name, order_id in orders.items()
+    }
+    assert in_progress["status"] == "In progress" and int(in_progress["remains"]) > 600
+    assert views["partial package"] | {"start_count": "-"} == {
+        "charge": "2.50",  # no refund guessed: the operator decides
+        "start_count": "-",
+        "status": "Partial",
+        "remains": "600",
+        "currency": "USD",
+    }
+    stored = await router.store.order(orders["partial package"])
+    assert stored is not None and stored.remains == 600 and stored.quantity == 1
+    assert await refunds_of(router, orders["partial package"]) == []
+    assert views["over-delivered package"]["status"] == "Completed"
+    assert views["over-delivered package"]["remains"] == "0"
+    # Partial with remains above its quantity: clamped, refunded its whole charge, no more.
+    assert views["over-refunded"]["status"] == "Partial"
+    assert views["over-refunded"]["remains"] == "100"
+    assert await refunds_of(router, orders["over-refunded"]) == [v2.to_minor(Decimal("0.10"))]
+    assert views["over-refunded"]["charge"] == "0.00"
+    assert await balances_match(router) == v2.to_minor(Decimal("10") - 2 * Decimal("2.50"))

@@ -156,6 +156,35 @@ def test_links_refuse_control_characters(char: str) -> None:
         v2.check_link(f"https://x.example/{char}p")
 
 
+# Each end of each range of invisible characters (zero-width, bidi), and its neighbours outside.
+INVISIBLE = ["\u200b", "\u200f", "\u202a", "\u202e", "\u2066", "\u2069", "\ufeff"]
+VISIBLE_NEIGHBOURS = [
+    "\u200a",
+    "\u2010",
+    "\u2027",
+    "\u202f",
+    "\u2065",
+    "\u206a",
+    "\ufefe",
+    "\uff00",
+]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_links_refuse_bidi_and_zero_width_characters(char: str) -> None:
+    for link in (f"https://x.example/{char}p", f"{char}username", f"username{char}"):
+        with pytest.raises(v2.V2Error) as caught:
+            v2.check_link(link)
+        assert caught.value.message == v2.INCORRECT_LINK
+
+
+@pytest.mark.parametrize(
+    "char", VISIBLE_NEIGHBOURS, ids=[f"U+{ord(c):04X}" for c in VISIBLE_NEIGHBOURS]
+)
+def test_links_keep_the_neighbours_of_those_ranges(char: str) -> None:
+    assert v2.check_link(f"https://x.example/{char}p") == f"https://x.example/{char}p"
+
+
 def test_order_charge() -> None:
     assert v2.order_charge(Decimal("0.90"), 1000) == 90000
     assert v2.order_charge(Decimal("0.90"), 50) == 4500

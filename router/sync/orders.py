@@ -175,10 +175,16 @@ class OrderSync:
         problem) and the pass goes on; when nothing usable came back (the provider is down or
         overloaded), the page's orders stay due and the rest of the pass waits for the next one.
         """
+        # Remains are clamped to the quantity of counted orders only: a package's (flat-priced)
+        # count units of a size we do not know, and its charged quantity is 1.
+        quantities = {
+            order.upstream_order: order.quantity
+            for order in page
+            if not self._flat_priced(order.service)
+        }
         try:
             readings = await self.clients[provider].status_readings(
-                [order.upstream_order for order in page],
-                {order.upstream_order: order.quantity for order in page},
+                [order.upstream_order for order in page], quantities
             )
         except UpstreamError as exc:
             failed.set()
