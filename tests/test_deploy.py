@@ -4,18 +4,25 @@ do, and run through its own tool (promtool, systemd-analyze) where that tool is 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from router import config as config_module
 from router.metrics import Metrics
+from tests.conftest import RouterFactory, SimFactory, free_port, service
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -243,3 +250,260 @@ def test_the_unit_restarts_reloads_stops_and_is_hardened() -> None:
     # The database lives where the unit lets it write.
     example = _yaml(REPO / "config" / "example.yaml")
     assert example["database"].startswith("/var/lib/smm-router/")
+
+
+# --- the container image --------------------------------------------------------------------------
+
+DOCKERFILE = DEPLOY / "Dockerfile"
+SLIM_PYTHON = re.compile(r"^python:3\.11-slim(-\w+)?$")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    name: str  # upper case: FROM, RUN, ...
+    args: str  # the rest of the instruction, continuation lines joined
+
+    def exec_form(self) -> list[str]:
+        """The JSON array form (`CMD ["a", "b"]`) as a list; fails on the shell form."""
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), self
+        return value
+
+
+def _dockerfile(text: str) -> list[Instruction]:
+    """Instructions in order: comments and parser directives dropped, `\\` lines joined."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        whole = (pending + line).strip()
+        pending = ""
+        name, _, args = whole.partition(" ")
+        instructions.append(Instruction(name.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends inside a continued instruction"
+    return instructions
+
+
+def _final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [i for i, instruction in enumerate(instructions) if instruction.name == "FROM"]
+    assert starts and starts[0] == 0, "a Dockerfile starts with FROM"
+    return instructions[starts[-1] :]
+
+
+def _one(stage: list[Instruction], name: str) -> Instruction:
+    found = [instruction for instruction in stage if instruction.name == name]
+    assert len(found) == 1, f"expected one {name}, found {found}"
+    return found[0]
+
+
+def _dockerignored() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_parser_reads_forms_and_continuations() -> None:
+    parsed = _dockerfile('# syntax=docker/dockerfile:1\nFROM a AS b\nRUN x \\\n  # note\n  && y\n'
+                         'CMD ["s", "t"]\n')  # fmt: skip
+    assert parsed == [Instruction("FROM", "a AS b"), Instruction("RUN", "x && y"),
+                      Instruction("CMD", '["s", "t"]')]  # fmt: skip
+    assert parsed[2].exec_form() == ["s", "t"]
+
+
+def test_the_image_is_slim_python_and_runs_as_its_own_user() -> None:
+    instructions = _dockerfile(DOCKERFILE.read_text())
+    for base in (i.args.split()[0] for i in instructions if i.name == "FROM"):
+        assert base == "${PYTHON_IMAGE}" or SLIM_PYTHON.match(base), base
+    final = _final_stage(instructions)
+    assert SLIM_PYTHON.match(final[0].args.split()[0])
+    user = _one(final, "USER").args.split(":")[0]
+    assert user not in ("root", "0")
+    run = " ".join(i.args for i in final if i.name == "RUN")
+    assert f"useradd --system --uid {user}" in run  # the user exists, with a fixed UID
+
+
+def test_the_image_installs_the_package_from_the_repository() -> None:
+    instructions = _dockerfile(DOCKERFILE.read_text())
+    copies = [i.args.split() for i in instructions if i.name == "COPY" and "--from" not in i.args]
+    sources = {source.rstrip("/") for *found, _ in copies for source in found}
+    assert {"pyproject.toml", "router"} <= sources
+    ignored = _dockerignored()
+    for source in sources:
+        assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+        assert source not in ignored, f"COPY {source}: excluded by .dockerignore"
+    runs = [i.args for i in instructions if i.name == "RUN"]
+    lock = (REPO / "requirements.lock").exists()
+    if lock:
+        assert "requirements.lock" in sources
+        assert any("pip install" in run and "-r requirements.lock" in run for run in runs)
+        assert any("pip install --no-deps ." in run for run in runs)
+    else:
+        assert any(re.search(r"pip install \.(\s|$)", run) for run in runs), runs
+    # The virtualenv built in the first stage is what the final one runs.
+    final = _final_stage(instructions)
+    assert any(i.name == "COPY" and i.args.startswith("--from=build ") for i in final)
+    env = " ".join(i.args for i in final if i.name == "ENV")
+    assert "PATH=/opt/smm-router/bin:$PATH" in env
+
+
+def test_the_image_serves_with_its_config_and_data_volumes() -> None:
+    final = _final_stage(_dockerfile(DOCKERFILE.read_text()))
+    assert _one(final, "VOLUME").exec_form() == ["/etc/smm-router", "/var/lib/smm-router"]
+    assert _one(final, "CMD").exec_form() == [
+        "smm-router", "serve", "--config", "/etc/smm-router/router.yaml",
+    ]  # fmt: skip
+    assert _one(final, "STOPSIGNAL").args == "SIGTERM"
+    compose_config = _yaml(DEPLOY / "router.compose.yaml")
+    exposed = {int(port) for port in _one(final, "EXPOSE").args.split()}
+    assert exposed == {compose_config["listen"]["port"], compose_config["metrics"]["port"]}
+
+
+def _healthcheck_command() -> list[str]:
+    check = _one(_final_stage(_dockerfile(DOCKERFILE.read_text())), "HEALTHCHECK")
+    options, _, command = check.args.partition("CMD ")
+    assert "--interval=" in options and "--timeout=" in options
+    argv = Instruction("CMD", command).exec_form()
+    assert argv[:2] == ["python", "-c"], "slim images have no curl: Python asks"
+    assert "http://127.0.0.1:8080/healthz" in argv[2]
+    return argv
+
+
+async def test_the_healthcheck_passes_on_a_live_router_and_fails_without_one(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    argv = _healthcheck_command()
+    alpha = await start_sim()
+    router = await start_router({"alpha": alpha.url}, [service(1, [("alpha", 101)])])
+    for url, healthy in (
+        (str(router.client.make_url("/healthz")), True),
+        (f"http://127.0.0.1:{free_port()}/healthz", False),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv[1:],
+            env={**os.environ, "SMM_ROUTER_HEALTH_URL": url},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        code = await asyncio.wait_for(process.wait(), TOOL_TIMEOUT)
+        assert (code == 0) is healthy, (url, code)
+
+
+# --- docker compose -------------------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose.yaml"
+
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = _yaml(COMPOSE)
+    return compose
+
+
+def _binds(service: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts (short syntax) as {container path: source in the repository}."""
+    binds: dict[str, Path] = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("."):
+            binds[target] = (DEPLOY / source).resolve()
+    return binds
+
+
+def _named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if not source.startswith((".", "/")):
+            named[target] = source
+    return named
+
+
+def test_compose_runs_router_prometheus_and_grafana() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert {"router", "prometheus", "grafana"} <= set(services)
+    for name, entry in services.items():
+        if "build" in entry:
+            build = entry["build"]
+            assert build["context"] == ".."  # the repository root, as deploy/Dockerfile wants
+            assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+            assert entry["image"] == services["router"]["image"], name
+    for name, entry in services.items():
+        for target, source in _binds(entry).items():
+            assert source.exists(), f"{name} mounts {source} at {target}: not in the repository"
+            assert source.is_relative_to(REPO), source
+        for volume in _named_volumes(entry).values():
+            assert volume in compose["volumes"], volume
+        for dependency in entry.get("depends_on", []):
+            assert dependency in services, dependency
+
+
+def test_compose_router_gets_its_config_data_volume_and_port() -> None:
+    router = _compose()["services"]["router"]
+    assert _binds(router) == {"/etc/smm-router/router.yaml": DEPLOY / "router.compose.yaml"}
+    assert _named_volumes(router) == {"/var/lib/smm-router": "router-data"}
+    assert "127.0.0.1:8080:8080" in router["ports"]
+    assert router["restart"] == "unless-stopped"
+    grace = router["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > 60  # aiohttp's 60 s for requests in flight
+
+
+def test_compose_router_config_listens_outside_the_container_and_reaches_the_sims(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = _compose()["services"]
+    environment = services["router"]["environment"]
+    env: dict[str, str] = {}
+    for name, value in environment.items():
+        default = re.fullmatch(r"\$\{(\w+):-(.*)\}", value)
+        assert default and default[1] == name, f"{name}: take it from the environment"
+        env[name] = default[2]  # what compose passes when the operator sets nothing
+    config = config_module.load(DEPLOY / "router.compose.yaml", env=env)
+    assert config.listen.host == "0.0.0.0" and config.metrics.host == "0.0.0.0"
+    assert config.database == Path("/var/lib/smm-router/router.db")
+    for provider in config.providers.values():
+        parts = urlsplit(provider.url)
+        sim = services[parts.hostname]
+        command = sim["command"]
+        assert command[:2] == ["smm-router", "sim"] and "0.0.0.0" in command
+        assert command[command.index("--port") + 1] == str(parts.port)
+        assert command[command.index("--key") + 1] == provider.key.value
+        assert parts.hostname in services["router"]["depends_on"]
+
+
+def test_compose_prometheus_loads_the_shipped_config_and_rules() -> None:
+    prometheus = _compose()["services"]["prometheus"]
+    assert _binds(prometheus) == {
+        "/etc/prometheus/prometheus.yml": PROMETHEUS / "prometheus.yml",
+        "/etc/prometheus/alerts.yml": PROMETHEUS / "alerts.yml",  # rule_files: beside the config
+    }
+    assert _named_volumes(prometheus) == {"/prometheus": "prometheus-data"}
+    assert "127.0.0.1:9090:9090" in prometheus["ports"]
+    # It scrapes the router where compose puts it.
+    (job,) = _yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]
+    host, port = job["static_configs"][0]["targets"][0].split(":")
+    assert host in _compose()["services"]
+    assert int(port) == _yaml(DEPLOY / "router.compose.yaml")["metrics"]["port"]
+
+
+def test_compose_grafana_is_provisioned_with_prometheus_and_the_dashboards_folder() -> None:
+    grafana = _compose()["services"]["grafana"]
+    binds = _binds(grafana)
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    datasources = provisioning / "datasources" / "prometheus.yaml"
+    dashboards = provisioning / "dashboards" / "smm-router.yaml"
+    assert binds["/etc/grafana/provisioning/datasources/prometheus.yaml"] == datasources
+    assert binds["/etc/grafana/provisioning/dashboards/smm-router.yaml"] == dashboards
+    assert "127.0.0.1:3000:3000" in grafana["ports"]
+
+    (source,) = _yaml(datasources)["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    assert source["url"] == "http://prometheus:9090"
+    (provider,) = _yaml(dashboards)["providers"]
+    assert provider["type"] == "file"
+    # The provider reads the folder that compose mounts from deploy/grafana/.
+    assert binds[provider["options"]["path"]] == DEPLOY / "grafana"
