@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router import v2
+from router import __version__, v2
 from router.api import V2Api
 from router.config import Config
 from router.metrics import Metrics
@@ -225,7 +225,7 @@ async def _v2(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     await request.app[STORE].count_held()  # the database answers
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 def create_app(

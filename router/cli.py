@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from router import __version__, logs, v2
 from router import config as config_module
-from router import logs, v2
 from router.api import hash_key
 from router.config import Config, ConfigError
 from router.metrics import Metrics
@@ -623,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smm-router", description="One SMM panel API v2 in front of ranked upstreams."
     )
+    parser.add_argument("--version", action="version", version=f"smm-router {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", help="the routing table (default: $SMM_ROUTER_CONFIG, else config/router.yaml)"

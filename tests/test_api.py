@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -188,7 +189,7 @@ async def test_healthz(world: Any) -> None:
     _, router, _ = world
     response = await router.client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "version": version("smm-router")}
 
 
 async def test_dripfeed_charges_runs_times_quantity(world: Any) -> None:
