@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# `make demo PORT=8000`: the router on 8000, metrics on 8001, the simulated providers on 8002-8004.
 demo: $(STAMP)
-	$(BIN)/smm-router demo
+	$(BIN)/smm-router demo $(if $(PORT),--port $(PORT))
 
 test: $(STAMP)
 	$(BIN)/pytest -q
