@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from router.cli import main
 from tests.conftest import free_block, free_port
@@ -85,6 +86,14 @@ def assert_fails_with(done: subprocess.CompletedProcess[str], message: str) -> N
     assert "Traceback" not in done.stderr
     assert done.stderr == f"smm-router: {message}\n"
     assert done.returncode == 1
+
+
+@pytest.fixture
+def in_process(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """capsys for main() run in this process; some commands (orders resolve) set up logging on
+    the stderr capsys installed, which later tests must not write to."""
+    yield capsys
+    structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -187,14 +196,14 @@ def test_database_under_a_file(tmp_path: Path, command: list[str]) -> None:
 
 
 def test_every_database_command_says_the_same(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, in_process: pytest.CaptureFixture[str]
 ) -> None:
     # In-process (the same main() the subprocesses above run), to keep the suite fast: an
     # exception main() does not turn into its one line fails the test.
     config, message = _under_a_file(tmp_path)
     for command in DATABASE_COMMANDS[2:]:  # serve and demo would configure logging here
         assert main([*command, "--config", str(config)]) == 1, command
-        assert capsys.readouterr().err == f"smm-router: {message}\n", command
+        assert in_process.readouterr().err == f"smm-router: {message}\n", command
 
 
 def test_database_that_is_not_sqlite(tmp_path: Path) -> None:
@@ -223,12 +232,12 @@ def test_config_given_and_missing(tmp_path: Path, command: list[str]) -> None:
 
 
 def test_every_config_command_says_the_same(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, in_process: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "routre.yaml"
     for command in [["check", "--online"], *DATABASE_COMMANDS[2:]]:
         assert main([*command, "--config", str(missing)]) == 1, command
-        assert capsys.readouterr().err == (
+        assert in_process.readouterr().err == (
             f"smm-router: cannot read the config file {missing} (--config): no such file or "
             "directory; pass --config the path of your config file\n"
         ), command
