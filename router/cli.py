@@ -771,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ListenError as exc:
         problem = f"{exc}; {_remedy(exc.fix, exc.setting, args)}"
+        if args.command == "demo" and args.port is None:
+            problem += ", or pass --port N to move all the demo's ports"
     except DatabaseUnavailable as exc:
         problem = (
             f"cannot open the database {exc.path} (database): {exc.reason}; "

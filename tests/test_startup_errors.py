@@ -126,7 +126,8 @@ def test_demo_on_a_taken_port(tmp_path: Path, taken: int) -> None:
     assert_fails_with(
         run("demo", "--config", str(config)),
         f"cannot listen on 127.0.0.1:{taken} (listen.port): address already in use; "
-        f"stop what uses it or set listen.port in {config}",
+        f"stop what uses it or set listen.port in {config}, "
+        "or pass --port N to move all the demo's ports",
     )
 
 
@@ -135,7 +136,8 @@ def test_demo_with_a_simulated_provider_on_a_taken_port(tmp_path: Path, taken: i
     assert_fails_with(
         run("demo", "--config", str(config)),
         f"cannot listen on 127.0.0.1:{taken} (providers.beta.url): address already in use; "
-        f"stop what uses it or set providers.beta.url in {config}",
+        f"stop what uses it or set providers.beta.url in {config}, "
+        "or pass --port N to move all the demo's ports",
     )
 
 
