@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final
@@ -20,9 +21,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router import v2
+from router import __version__, v2
 from router.api import V2Api, json_response
 from router.config import Config
+from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
 from router.routing import ProviderState
@@ -295,7 +297,7 @@ async def _v2(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     await request.app[STORE].count_held()  # the database answers
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 def create_app(
@@ -345,23 +347,34 @@ async def serve(
     *,
     ready: Callable[[web.Application], Awaitable[None]] | None = None,
 ) -> None:
-    """Run the API and metrics listeners until cancelled."""
-    api = create_app(config)
-    api_runner = ApiRunner(api, access_log=None)
-    metrics_runner = web.AppRunner(create_metrics_app(api), access_log=None)
-    await api_runner.setup()
-    await metrics_runner.setup()
-    try:
-        await web.TCPSite(api_runner, config.listen.host, config.listen.port).start()
-        await web.TCPSite(metrics_runner, config.metrics.host, config.metrics.port).start()
-        log.info(
-            "listening",
-            api=f"http://{config.listen.host}:{config.listen.port}/api/v2",
-            metrics=f"http://{config.metrics.host}:{config.metrics.port}/metrics",
-        )
-        if ready is not None:
-            await ready(api)
-        await asyncio.Event().wait()
-    finally:
-        await metrics_runner.cleanup()
-        await api_runner.cleanup()
+    """Run the API and metrics listeners until cancelled; ListenError if one cannot listen."""
+    with contextlib.ExitStack() as held:
+        # Both ports first: one that is taken fails before the database or a loop is touched.
+        sockets: dict[str, list[socket.socket]] = {}
+        for key, listener in (("listen", config.listen), ("metrics", config.metrics)):
+            bound = bind(
+                listener.host,
+                listener.port,
+                port_setting=f"{key}.port",
+                host_setting=f"{key}.host",
+            )
+            sockets[key] = [held.enter_context(sock) for sock in bound]
+        api = create_app(config)
+        api_runner = ApiRunner(api, access_log=None)
+        metrics_runner = web.AppRunner(create_metrics_app(api), access_log=None)
+        await api_runner.setup()
+        await metrics_runner.setup()
+        try:
+            await start_sites(api_runner, sockets["listen"])
+            await start_sites(metrics_runner, sockets["metrics"])
+            log.info(
+                "listening",
+                api=f"http://{config.listen.host}:{config.listen.port}/api/v2",
+                metrics=f"http://{config.metrics.host}:{config.metrics.port}/metrics",
+            )
+            if ready is not None:
+                await ready(api)
+            await asyncio.Event().wait()
+        finally:
+            await metrics_runner.cleanup()
+            await api_runner.cleanup()

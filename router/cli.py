@@ -8,6 +8,7 @@ import contextlib
 import getpass
 import json
 import math
+import os
 import re
 import secrets
 import signal
@@ -22,14 +23,15 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from router import __version__, logs, v2
 from router import config as config_module
-from router import logs, v2
 from router.api import hash_key
-from router.config import Config, ConfigError
+from router.config import Config, ConfigError, ConfigUnreadable
+from router.listeners import ListenError
 from router.metrics import Metrics
 from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_status
 from router.routing import ProviderState
-from router.store import Order, Store, StoreError
+from router.store import DatabaseUnavailable, Order, Store, StoreError
 from router.sync.providers import ProviderReport, ProviderWatcher, check_online, provider_report
 from router.upstream import CallRecord, UpstreamClient
 
@@ -39,6 +41,7 @@ KEY_BYTES = 24
 MAX_AMOUNT_DIGITS: Final = 12  # whole digits of an amount: below a trillion, far from overflow
 _AMOUNT: Final = re.compile(r"-?(?P<whole>[0-9]+)(?:\.(?P<decimals>[0-9]+))?")
 _SHOWN_CHARS: Final = 40  # of a refused amount, in its one-line error
+MAX_PORT = 65535
 
 
 class CommandError(Exception):
@@ -81,10 +84,18 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
 
 
+def config_path(args: argparse.Namespace) -> Path:
+    """The config file a command reads: --config, else $SMM_ROUTER_CONFIG, else the default."""
+    config: str | None = getattr(args, "config", None)  # `sim` has no config
+    return Path(config) if config else config_module.default_config_path()
+
+
 def load_config(args: argparse.Namespace) -> Config:
-    path = Path(args.config) if args.config else config_module.default_config_path()
+    path = config_path(args)
     try:
         return config_module.load(path)
+    except ConfigUnreadable:
+        raise  # main() says how the file was chosen
     except ConfigError as exc:
         raise CommandError(f"{path}: invalid config\n{exc}") from exc
 
@@ -637,8 +648,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     logs.configure()
-    run_until_signal(demo.run(config))
+    run_until_signal(demo.run(config, port=args.port))
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"not a port from 1 to {MAX_PORT}: {text!r}")
+    return port
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -648,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smm-router", description="One SMM panel API v2 in front of ranked upstreams."
     )
+    parser.add_argument("--version", action="version", version=f"smm-router {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", help="the routing table (default: $SMM_ROUTER_CONFIG, else config/router.yaml)"
@@ -730,15 +752,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim.add_arguments(sim_parser)
     sim_parser.set_defaults(handler=cmd_sim)
-    command(commands, "demo", cmd_demo, "simulated providers + the router + a demo reseller")
+    demo = command(commands, "demo", cmd_demo, "simulated providers + the router + a demo reseller")
+    demo.add_argument(
+        "--port",
+        type=_port,
+        metavar="N",
+        help="the router's API port; metrics then listen on N+1 and the simulated providers on "
+        "N+2, N+3, ... (default: the config's ports)",
+    )
     return parser
 
 
+def _remedy(fix: str | None, setting: str, args: argparse.Namespace) -> str:
+    """What to do about a failure: `fix` it, or change the setting that led to it."""
+    if setting.startswith("--"):
+        change = f"pass another {setting}"
+    else:
+        change = f"set {setting} in {config_path(args)}"
+    return f"{fix} or {change}" if fix else change
+
+
+def _unreadable_config(exc: ConfigUnreadable, args: argparse.Namespace) -> str:
+    if getattr(args, "config", None):
+        source, fix = "--config", "pass --config the path of your config file"
+    elif os.environ.get(config_module.CONFIG_ENV_VAR):
+        source = f"${config_module.CONFIG_ENV_VAR}"
+        fix = f"set {config_module.CONFIG_ENV_VAR} to the path of your config file"
+    else:
+        source = f"the default, with no --config and no ${config_module.CONFIG_ENV_VAR}"
+        fix = (
+            f"run smm-router from the folder that holds {config_module.DEFAULT_CONFIG_PATH}, "
+            f"pass --config PATH or set {config_module.CONFIG_ENV_VAR}"
+        )
+    return f"cannot read the config file {exc.path} ({source}): {exc.reason.lower()}; {fix}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A failure the operator can fix (a command refused, a port taken, a
+    database or config that cannot be read) is one line on stderr saying what to do, exit 1."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except ListenError as exc:
+        problem = f"{exc}; {_remedy(exc.fix, exc.setting, args)}"
+        if args.command == "demo" and args.port is None:
+            problem += ", or pass --port N to move all the demo's ports"
+    except DatabaseUnavailable as exc:
+        problem = (
+            f"cannot open the database {exc.path} (database): {exc.reason}; "
+            f"{_remedy(exc.fix, 'database', args)}"
+        )
+    except ConfigUnreadable as exc:
+        problem = _unreadable_config(exc, args)
     except (CommandError, StoreError) as exc:
-        print(f"smm-router: {exc}", file=sys.stderr)
-        return 1
+        problem = str(exc)
+    print(f"smm-router: {problem}", file=sys.stderr)
+    return 1

@@ -187,6 +187,15 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+class ConfigUnreadable(ConfigError):
+    """The config file cannot be read at all: missing, a folder, not permitted, not text."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__([f"{path}: cannot read: {reason}"])
+        self.path = path
+        self.reason = reason
+
+
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
     """`$SMM_ROUTER_CONFIG` when set, else `config/router.yaml`."""
     env = os.environ if env is None else env
@@ -203,9 +212,9 @@ def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) 
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigUnreadable(file, exc.strerror or str(exc)) from None
     except UnicodeDecodeError:
-        raise ConfigError([f"{file}: cannot read: not UTF-8 text"]) from None
+        raise ConfigUnreadable(file, "not UTF-8 text") from None
     env = os.environ if env is None else env
     return _parse(text, base_dir=file.absolute().parent, env=env, source=str(file))
 

@@ -3,13 +3,18 @@
 The providers of the config whose URL points at this machine are started as simulators, in
 the order of the file: the first healthy, the second out of funds on upstream service 101, the
 third flaky (refusals, 502 pages and answers slower than the router waits for).
+
+Ports are the config's, or with `--port N`: the API on N, metrics on N+1 and the simulated
+providers on N+2, N+3, ... in the order of the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -18,8 +23,9 @@ from aiohttp import web
 from router import v2
 from router.api import hash_key
 from router.app import serve
-from router.cli import new_key
+from router.cli import CommandError, new_key
 from router.config import Config
+from router.listeners import ListenError
 from router.sim import Fault, SimProvider
 from router.store import Store
 
@@ -27,6 +33,9 @@ DEMO_RESELLER: Final = "demo"
 DEMO_BALANCE: Final = Decimal("100")
 DEMO_PROGRESS_SECONDS: Final = 120.0
 LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+METRICS_PORT_OFFSET: Final = 1  # with --port N: metrics on N+1,
+FIRST_PROVIDER_PORT_OFFSET: Final = 2  # the simulated providers on N+2, N+3, ...
+MAX_PORT: Final = 65535
 
 
 def local_providers(config: Config) -> list[tuple[str, int, str]]:
@@ -37,6 +46,32 @@ def local_providers(config: Config) -> list[tuple[str, int, str]]:
         if url.hostname in LOCAL_HOSTS and url.port:
             found.append((name, url.port, provider.key.value))
     return found
+
+
+def with_ports(config: Config, port: int) -> Config:
+    """The config with every port the demo opens following from `port` (see the docstring)."""
+    local = [name for name, _, _ in local_providers(config)]
+    last = port + FIRST_PROVIDER_PORT_OFFSET + len(local) - 1
+    if last > MAX_PORT:
+        raise CommandError(
+            f"--port {port}: the demo needs ports {port} to {last}; "
+            f"pass a --port of at most {MAX_PORT - last + port}"
+        )
+    providers = dict(config.providers)
+    for offset, name in enumerate(local, start=FIRST_PROVIDER_PORT_OFFSET):
+        url = urlsplit(providers[name].url)
+        netloc = f"{url.hostname}:{port + offset}"
+        if url.hostname and ":" in url.hostname:  # IPv6: [::1]:port
+            netloc = f"[{url.hostname}]:{port + offset}"
+        providers[name] = dataclasses.replace(
+            providers[name], url=url._replace(netloc=netloc).geturl()
+        )
+    return dataclasses.replace(
+        config,
+        listen=dataclasses.replace(config.listen, port=port),
+        metrics=dataclasses.replace(config.metrics, port=port + METRICS_PORT_OFFSET),
+        providers=MappingProxyType(providers),
+    )
 
 
 def _faults(position: int, sim: SimProvider, slow_seconds: float) -> str:
@@ -63,8 +98,24 @@ async def ensure_demo_reseller(config: Config) -> tuple[str, str]:
         await store.close()
 
 
-async def run(config: Config) -> None:
-    """Start the simulators and the router; print how to place an order; serve until cancelled."""
+async def run(config: Config, *, port: int | None = None) -> None:
+    """Start the simulators and the router; print how to place an order; serve until cancelled.
+
+    `port` (the command's `--port`) moves every port the demo opens (see `with_ports`); a port
+    that cannot be had is a ListenError naming the setting to change.
+    """
+    if port is None:
+        await _run(config)
+        return
+    try:
+        await _run(with_ports(config, port))
+    except ListenError as exc:
+        offset = exc.port - port
+        source = f"--port {port}" + (f" + {offset}" if offset else "")
+        raise exc.port_chosen_by("--port", source) from exc
+
+
+async def _run(config: Config) -> None:
     sims: list[SimProvider] = []
     lines = []
     try:
@@ -75,7 +126,11 @@ async def run(config: Config) -> None:
                 key=key, progress_seconds=DEMO_PROGRESS_SECONDS, slow_seconds=slow, seed=position
             )
             what = _faults(position, sim, slow)
-            await sim.start(port=port)
+            await sim.start(
+                port=port,
+                port_setting=f"providers.{name}.url",
+                host_setting=f"providers.{name}.url",
+            )
             sims.append(sim)
             lines.append(f"  provider {name}: simulated at {sim.url} ({what})")
         key, what = await ensure_demo_reseller(config)

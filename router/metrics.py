@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from router import __version__
 
 ACTIONS: Final = (
     "services",
@@ -38,6 +40,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, providers: Iterable[str] = ()) -> None:
         self.registry = registry
+        # prometheus_client adds `_info`: smm_router_build_info{version="0.1.0"} 1
+        self.build = Info(
+            "smm_router_build", "The running smm-router's version.", registry=registry
+        )
+        self.build.info({"version": __version__})
         self.requests = Counter(
             "smm_router_requests",
             "Reseller API requests by action and outcome.",

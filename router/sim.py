@@ -20,6 +20,7 @@ from typing import Final
 from aiohttp import web
 
 from router import v2
+from router.listeners import bind, start_sites
 from router.upstream import UpstreamService
 from router.v2 import V2Error
 
@@ -353,17 +354,30 @@ class SimProvider:
             raise RuntimeError("the simulator has not been started")
         return f"http://127.0.0.1:{self._port}/api/v2"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen and return the port; port 0 is ephemeral, or the previous one on a restart."""
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        port_setting: str = "--port",
+        host_setting: str = "--host",
+    ) -> int:
+        """Listen and return the port; port 0 is ephemeral, or the previous one on a restart.
+        A port or host that cannot be had is a ListenError naming the given setting."""
         if self._runner is not None:
             raise RuntimeError("the simulator is already running")
         self._stopping = asyncio.Event()
+        sockets = bind(
+            host, port or self._port or 0, port_setting=port_setting, host_setting=host_setting
+        )
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port or self._port or 0).start()
+            await start_sites(runner, sockets)
         except BaseException:
             await runner.cleanup()
+            for sock in sockets:  # those not yet served
+                sock.close()
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])

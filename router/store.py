@@ -30,7 +30,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
@@ -98,6 +98,38 @@ class UpstreamOrderTaken(StoreError):
 
 class NotStored(StoreError):
     """A write that must land could not be stored within its WriteRetry."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database file cannot be opened or created: `reason` says why, `fix` what to do
+    about it on this machine (the command line adds which setting points here)."""
+
+    def __init__(self, path: Path, cause: OSError | sqlite3.Error) -> None:
+        self.path = path = path.absolute()  # once, on the way out: a blocking call is fine
+        self.cause = cause
+        folder = path.parent
+        blocking = next((p for p in (*reversed(folder.parents), folder) if p.is_file()), None)
+        self.fix: str | None = f"make {folder} a folder this user can write"
+        if blocking is not None:
+            self.reason = f"{blocking} is a file, not a folder"
+            self.fix = None  # that file is someone's: only another path helps
+        elif isinstance(cause, OSError):
+            why = (cause.strerror or str(cause)).lower()
+            self.reason = f"cannot create {cause.filename or folder}: {why}"
+        elif path.is_dir():
+            self.reason = f"{path} is a folder, not a file"
+            self.fix = None  # only another path helps
+        elif isinstance(cause, sqlite3.DatabaseError) and "not a database" in str(cause):
+            self.reason = f"{path} is not an SQLite database"
+            self.fix = f"move {path} away"
+        elif not os.access(folder, os.W_OK):
+            self.reason = f"{folder} is not writable by this user"
+        elif path.exists() and not os.access(path, os.W_OK):
+            self.reason = f"{path} is not writable by this user"
+            self.fix = f"make {path} writable by this user"
+        else:
+            self.reason = str(cause)
+        super().__init__(f"cannot open the database {path}: {self.reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,22 +440,26 @@ class Store:
         busy_timeout_ms: int | None = None,
         settle_retry: WriteRetry | None = None,
     ) -> Store:
-        """Connect, switch to WAL, apply pending migrations.
+        """Connect, switch to WAL, apply pending migrations; DatabaseUnavailable if it cannot.
 
         `busy_timeout_ms` (default BUSY_TIMEOUT_MS) and `settle_retry` (default SETTLE_RETRY)
         are read when the store opens: tests that lock the database shorten them.
         """
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
-        writer = await _connect(path, busy)
-        await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-        store = cls(
-            writer,
-            await _connect(path, busy),
-            await _connect(path, busy),
-            settle_retry=settle_retry or SETTLE_RETRY,
-        )
-        await store._migrate()
+        opened: list[aiosqlite.Connection] = []
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            opened.append(writer := await _connect(path, busy))
+            await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
+            opened.append(statements := await _connect(path, busy))
+            opened.append(reader := await _connect(path, busy))
+            store = cls(writer, statements, reader, settle_retry=settle_retry or SETTLE_RETRY)
+            await store._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            for db in opened:  # each runs a thread that would keep the process from exiting
+                with suppress(sqlite3.Error):
+                    await db.close()
+            raise DatabaseUnavailable(Path(path), exc) from exc
         return store
 
     async def close(self) -> None:
@@ -1538,11 +1574,15 @@ class CallLatency:
 
 async def _connect(path: Path | str, busy_timeout_ms: int) -> aiosqlite.Connection:
     db = await aiosqlite.connect(str(path), isolation_level=None)
-    await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    await db.execute_fetchall("PRAGMA foreign_keys=ON")
-    await db.execute_fetchall(
-        "PRAGMA synchronous=FULL"
-    )  # a committed ledger row survives power loss
+    try:
+        await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        await db.execute_fetchall("PRAGMA foreign_keys=ON")
+        await db.execute_fetchall(
+            "PRAGMA synchronous=FULL"
+        )  # a committed ledger row survives power loss
+    except BaseException:
+        await db.close()  # its thread would keep the process from exiting
+        raise
     return db
 
 

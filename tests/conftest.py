@@ -201,6 +201,24 @@ def free_port() -> int:
     return port
 
 
+def free_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are all free, below the range the
+    system hands out to outgoing connections, where another process is less likely to take one."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no block of free ports")
+
+
 async def wait_for(check: Callable[[], Any], what: str, within: float = 15.0) -> None:
     """Poll `check` (sync or async) until it is true; fail after `within` seconds (a deadline
     for something that should happen soon, not a timing)."""

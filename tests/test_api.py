@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Iterator
 from decimal import Decimal
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,7 @@ async def test_healthz(world: Any) -> None:
     _, router, _ = world
     response = await router.client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "version": version("smm-router")}
 
 
 async def test_dripfeed_charges_runs_times_quantity(world: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,11 @@ async def test_running_server_sees_cli_changes_at_once(
         assert await call(new_key, action="balance") == {"error": "Invalid API key"}
     finally:
         await sim.stop()
+
+
+def test_version_is_the_package_metadata() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "router", "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"smm-router {version('smm-router')}\n"

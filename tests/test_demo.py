@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import free_port
+from tests.conftest import free_block, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 READY_WITHIN = 30.0
@@ -72,6 +72,54 @@ async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
                 balance = await r.json()
             # 100 to start, minus service 1 at 0.90 per 1000 for its minimum of 50.
             assert balance == {"balance": "99.955", "currency": "USD"}
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    assert process.returncode == 0
+
+
+async def test_demo_port_moves_every_port_and_says_which(tmp_path: Path) -> None:
+    config = _demo_config(tmp_path)
+    base = free_block(5)  # the API, metrics, the three simulated providers
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "demo",
+        "--config",
+        str(config),
+        "--port",
+        str(base),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+    )
+    try:
+        assert process.stdout is not None
+        printed = "".join(await asyncio.wait_for(_read_until_curl(process.stdout), READY_WITHIN))
+        for name, port in (("alpha", base + 2), ("beta", base + 3), ("gamma", base + 4)):
+            assert f"provider {name}: simulated at http://127.0.0.1:{port}/api/v2" in printed
+        assert f"router API: http://127.0.0.1:{base}/api/v2" in printed
+        assert f"metrics:    http://127.0.0.1:{base + 1}/metrics" in printed
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{base}/healthz") as response:
+                assert (await response.json())["status"] == "ok"
+            async with session.get(f"http://127.0.0.1:{base + 1}/metrics") as response:
+                assert "smm_router_build_info" in await response.text()
+            # The router reaches the simulators on their moved ports: an order is placed.
+            found = re.search(r"-d key=(\S+) ", printed)
+            assert found, printed
+            params = {"key": found[1], "action": "add", "service": "1", "link": "x"}
+            async with session.post(
+                f"http://127.0.0.1:{base}/api/v2", data={**params, "quantity": "50"}
+            ) as response:
+                assert await response.json() == {"order": 1}
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)

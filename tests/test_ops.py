@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from importlib.metadata import version
 
 import pytest
 import structlog
@@ -80,6 +81,7 @@ async def test_metrics_listener_shows_requests_upstream_failovers_and_held(
     )
     assert value("smm_router_failovers_total", service="1", provider="first", reason="refused") == 1
     assert value("smm_router_orders_held") == 1
+    assert value("smm_router_build_info", version=version("smm-router")) == 1
     # No reseller, order or key in any label.
     assert key not in text and "acme" not in text
     assert not any(
@@ -93,7 +95,7 @@ async def test_healthz(start_sim: SimFactory, start_router: RouterFactory) -> No
     router, _ = await _world(start_sim, start_router)
     response = await router.client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "version": version("smm-router")}
 
 
 @pytest.fixture
