@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router import __version__, v2
 from router.api import V2Api, json_response
-from router.config import Config
+from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
@@ -37,6 +37,7 @@ log = structlog.get_logger("router.app")
 
 CALL_FLUSH_INTERVAL: Final = 1.0
 CALL_FLUSH_BATCH: Final = 500
+CALL_BACKLOG_LIMIT: Final = 50_000  # call records kept while the database cannot take them
 CALL_PRUNE_INTERVAL: Final = 3600.0
 CONNECTIONS_PER_PROVIDER: Final = 100
 # An idle pooled connection is dropped before the upstream's server would close it (Apache's
@@ -85,8 +86,18 @@ class CallLog:
             self._wake.set()
 
     async def flush(self) -> None:
+        """Write what is pending; on failure (the database locked past its busy timeout) keep
+        it for the next flush, up to CALL_BACKLOG_LIMIT records, the oldest dropped first."""
         batch, self._pending = self._pending, []
-        await self.store.record_calls(batch)
+        try:
+            await self.store.record_calls(batch)
+        except BaseException:
+            kept = (batch + self._pending)[-CALL_BACKLOG_LIMIT:]
+            dropped = len(batch) + len(self._pending) - len(kept)
+            self._pending = kept
+            if dropped:
+                log.warning("call_records_dropped", count=dropped)
+            raise
 
     async def run(self) -> None:
         """Flush every CALL_FLUSH_INTERVAL (or at once when a batch fills); prune old records."""
@@ -110,7 +121,12 @@ CALLS: Final = web.AppKey("calls", CallLog)
 def placing_bound(config: Config) -> float:
     """Seconds after which an order still `placing` on one route was interrupted for sure:
     longer than any upstream call may take."""
-    return max(p.timeout for p in config.providers.values()) + PLACING_SLACK_SECONDS
+    return longest_timeout(config) + PLACING_SLACK_SECONDS
+
+
+def longest_timeout(config: Config) -> float:
+    """The longest upstream call a config allows (the default with no provider at all)."""
+    return max((p.timeout for p in config.providers.values()), default=DEFAULT_UPSTREAM_TIMEOUT)
 
 
 async def hold_interrupted(store: Store, config: Config) -> None:
@@ -147,7 +163,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             limit_per_host=CONNECTIONS_PER_PROVIDER,
             keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
         ),
-        timeout=aiohttp.ClientTimeout(total=max(p.timeout for p in config.providers.values())),
+        timeout=aiohttp.ClientTimeout(total=longest_timeout(config)),
         headers={"User-Agent": "smm-router"},
     )
     app[SESSION] = session

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import structlog
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import logs
-from router.app import create_metrics_app
+from router.app import CallLog, create_metrics_app
+from router.metrics import Metrics
 from router.sim import Fault
+from router.store import Store
+from router.upstream import CallRecord, Outcome
 from tests.conftest import Router, RouterFactory, SimFactory, service
 
 
@@ -130,3 +137,35 @@ async def test_one_json_line_per_request_without_the_key(
         assert len(line["request_id"]) == 16
     assert len({line["request_id"] for line in requests}) == 3
     assert key not in err
+
+
+async def test_call_records_outlast_a_locked_database(tmp_path: Path) -> None:
+    """A flush that meets a locked database keeps its batch for the next flush: call records
+    feed the latency reports, and a lock of a few seconds must not lose them."""
+    store = await Store.open(tmp_path / "router.db", busy_timeout_ms=50)
+    calls = CallLog(store, Metrics(CollectorRegistry()))
+    blocker = sqlite3.connect(tmp_path / "router.db", isolation_level=None)
+    try:
+        for i in range(3):
+            calls.record(CallRecord("alpha", "status", time.time(), 0.01 * i, Outcome.ACCEPTED))
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError):
+            await calls.flush()
+        calls.record(CallRecord("alpha", "add", time.time(), 0.02, Outcome.ACCEPTED))
+        blocker.execute("ROLLBACK")
+        await calls.flush()
+        assert await store.count_calls("alpha") == 4
+        await calls.flush()  # nothing is written twice
+        assert await store.count_calls("alpha") == 4
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_a_config_without_providers_serves(start_router: RouterFactory) -> None:
+    """An operator may start with services still to route: the app must come up and answer."""
+    router = await start_router({}, [])
+    key = await router.reseller()
+    assert await router.call(key=key, action="services") == []
+    response = await router.client.get("/healthz")
+    assert response.status == 200
