@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
 BUSY_TIMEOUT_MS: Final = 10_000
+WAL_RETRY_SECONDS: Final = 0.01
 
 
 class StoreError(Exception):
@@ -349,10 +350,16 @@ class Store:
     async def open(cls, path: Path | str) -> Store:
         """Connect, switch to WAL, apply pending migrations."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
-        await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-        store = cls(writer, await _connect(path), await _connect(path))
-        await store._migrate()
+        connections = [await _connect(path)]
+        try:
+            await _use_wal(connections[0])
+            connections += [await _connect(path), await _connect(path)]
+            store = cls(*connections)
+            await store._migrate()
+        except BaseException:
+            for db in connections:  # none left open: its thread would keep the process alive
+                await db.close()
+            raise
         return store
 
     async def close(self) -> None:
@@ -385,25 +392,39 @@ class Store:
         yield self._statements
 
     async def _migrate(self) -> None:
-        await self._writer.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        done = {
-            row[0]
-            for row in await self._writer.execute_fetchall("SELECT name FROM schema_migrations")
-        }
-        folder = resources.files("router") / "migrations"
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-            if not entry.name.endswith(".sql") or entry.name in done:
-                continue
-            async with self.transaction() as db:
-                for statement in _split_sql(entry.read_text(encoding="utf-8")):
+        """Apply the migrations not recorded yet, all in one transaction with their records.
+
+        The applied set is read again under the write lock (BEGIN IMMEDIATE): two processes
+        starting at once (a server and a CLI) never apply one twice, the second finds them
+        applied. A start-up with nothing to apply takes no write lock.
+        """
+        migrations = _migrations()
+        if migrations.keys() <= await self._applied_migrations(self._writer):
+            return
+        async with self.transaction() as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            applied = await self._applied_migrations(db)
+            for name, script in migrations.items():
+                if name in applied:
+                    continue
+                for statement in _split_sql(script):
                     await db.execute(statement)
                 await db.execute(
                     "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (entry.name, time.time()),
+                    (name, time.time()),
                 )
+
+    @staticmethod
+    async def _applied_migrations(db: aiosqlite.Connection) -> set[str]:
+        """The migrations recorded in the database (none in a new one)."""
+        if not await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        ):
+            return set()
+        return {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
 
     # --- Resellers ----------------------------------------------------------------------------
 
@@ -1376,6 +1397,34 @@ async def _connect(path: Path | str) -> aiosqlite.Connection:
         "PRAGMA synchronous=FULL"
     )  # a committed ledger row survives power loss
     return db
+
+
+async def _use_wal(db: aiosqlite.Connection) -> None:
+    """Switch the database to WAL, waiting out another process doing the same.
+
+    Two processes opening a new database at once (a server and a CLI) both ask: SQLite answers
+    one of them "locked" at once, without the busy timeout (both hold a read lock, and waiting
+    could deadlock), so that one asks again until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            await db.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(WAL_RETRY_SECONDS)
+
+
+def _migrations() -> dict[str, str]:
+    """The shipped migrations (name -> SQL), in the order they apply."""
+    folder = resources.files("router") / "migrations"
+    return {
+        entry.name: entry.read_text(encoding="utf-8")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".sql")
+    }
 
 
 def _split_sql(script: str) -> list[str]:

@@ -1,12 +1,18 @@
-"""The store's own guarantees: transactions that survive cancellation, one-statement settling."""
+"""The store's own guarantees: transactions that survive cancellation, one-statement settling,
+migrations applied once and never edited, the held counter."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -156,3 +162,102 @@ async def test_start_up_holds_only_what_no_live_process_is_placing(store: Store)
     assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 3
     assert {await state(name) for name in orders} == {"held"}
     assert await store.ledger_sum(reseller.id) == 10_000 - 6 * 100  # funds stay reserved
+
+
+# --- Migrations ------------------------------------------------------------------------------
+
+# Every released migration, with the SHA-256 of its file. A released migration is never edited:
+# a schema change goes in a new file. A new migration adds its line here when it lands.
+RELEASED_MIGRATIONS = {
+    "0001_initial.sql": "c70fe8975b2b7bdec7408058a5426d0f2780a4291a0fb4755b7de7df8df52355",
+    "0002_order_sync.sql": "6e5d66c9b533c01f137a4d7f0ec1e518d9ac979e41df31c8e6bd5fa4446e7fcd",
+    "0003_providers.sql": "7840d02f071ba6e5b0f61cfc8c1417cc267e78f1cd22e78b00a1ab8477498676",
+    "0004_settle_in_one_statement.sql": (
+        "7438096607e4c92b1c5a476f6aec5ad5039bb9255886f3b8e6893135a91ed4cf"
+    ),
+    "0005_placing_owner.sql": "31488c889be2215fd325e41655ec1db0a038f88dee5ee300693f366b1c796e96",
+}
+
+
+def _shipped_migrations() -> dict[str, str]:
+    folder = resources.files("router") / "migrations"
+    return {
+        entry.name: hashlib.sha256(entry.read_bytes()).hexdigest()
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    }
+
+
+def test_a_released_migration_is_never_edited() -> None:
+    """Each shipped migration file is byte for byte the one released, and each is listed.
+
+    A new migration adds its line to RELEASED_MIGRATIONS (the message below prints it); a
+    released one is never changed: a database created before the edit would never see it.
+    """
+    shipped = _shipped_migrations()
+    for name, digest in RELEASED_MIGRATIONS.items():
+        assert name in shipped, f"released migration {name} is gone"
+        assert shipped[name] == digest, f"released migration {name} was edited"
+    unlisted = {name: digest for name, digest in shipped.items() if name not in RELEASED_MIGRATIONS}
+    assert not unlisted, "add to RELEASED_MIGRATIONS:\n" + "\n".join(
+        f'    "{name}": "{digest}",' for name, digest in sorted(unlisted.items())
+    )
+
+
+def _schema(path: Path) -> list[tuple[str, str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    return [tuple(row) for row in rows]
+
+
+def _applied(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+
+@pytest.mark.parametrize("round", range(3))
+async def test_stores_opening_a_new_database_at_once_apply_each_migration_once(
+    tmp_path: Path, round: int
+) -> None:
+    """A server and CLIs starting together on a new file: all open it, the schema is whole,
+    each migration is recorded once (the applied set is read again under the write lock)."""
+    alone = await Store.open(tmp_path / "alone.db")
+    await alone.close()
+    path = tmp_path / "together.db"
+
+    opened = await asyncio.gather(*(Store.open(path) for _ in range(4)), return_exceptions=True)
+    stores = [store for store in opened if isinstance(store, Store)]
+    if len(stores) < len(opened):
+        for store in stores:
+            await store.close()  # an open connection's thread would keep pytest from exiting
+    assert [type(store) for store in opened] == [Store] * 4, opened
+
+    reseller = await stores[0].create_reseller("acme", "hash", 100)
+    for store in stores:
+        assert await store.reseller_by_name("acme") == reseller
+        await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
+    assert _schema(path) == _schema(tmp_path / "alone.db")
+
+
+async def test_processes_starting_together_on_a_new_database(tmp_path: Path) -> None:
+    """Other processes (CLIs) open the same new database while this one migrates it."""
+    path = tmp_path / "router.db"
+    script = (
+        "import asyncio, sys\n"
+        "from router.store import Store\n"
+        "async def main():\n"
+        "    store = await Store.open(sys.argv[1])\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+    )
+    others = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path))
+        for _ in range(3)
+    ]
+    store = await Store.open(path)
+    assert [await other.wait() for other in others] == [0, 0, 0]
+    await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
