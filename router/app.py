@@ -25,7 +25,7 @@ from router.config import Config
 from router.metrics import Metrics
 from router.orders import OrderDesk
 from router.routing import ProviderState
-from router.store import CALL_RETENTION_SECONDS, Store
+from router.store import CALL_RETENTION_SECONDS, SqlTrace, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
 from router.upstream import CallRecord, UpstreamClient
@@ -52,6 +52,8 @@ DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
 ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
 PROVIDER_WATCHER: Final = web.AppKey("provider_watcher", ProviderWatcher)
+# Set before start-up to see every SQL statement the store runs (tests EXPLAIN them all).
+SQL_TRACE: Final[web.AppKey[SqlTrace]] = web.AppKey("sql_trace")
 
 
 class CallLog:
@@ -111,7 +113,7 @@ async def hold_interrupted(store: Store, config: Config) -> None:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[CONFIG].database)
+    store = await Store.open(app[CONFIG].database, trace=app.get(SQL_TRACE))
     await hold_interrupted(store, app[CONFIG])
     app[STORE] = store
     app[CALLS] = CallLog(store, app[METRICS])
