@@ -112,9 +112,16 @@ async def hold_interrupted(store: Store, config: Config) -> None:
         log.warning("interrupted_orders_held", count=held)
 
 
+async def warn_orphaned(store: Store, config: Config) -> None:
+    """Log the open orders of providers no longer in the config: nothing syncs them."""
+    for provider, count in (await store.orphaned_orders(config.providers) or {}).items():
+        log.warning("orphaned_orders", provider=provider, count=count)
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = await Store.open(app[CONFIG].database, trace=app.get(SQL_TRACE))
     await hold_interrupted(store, app[CONFIG])
+    await warn_orphaned(store, app[CONFIG])
     app[STORE] = store
     app[CALLS] = CallLog(store, app[METRICS])
     yield

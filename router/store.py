@@ -35,6 +35,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Final, TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -348,12 +349,26 @@ class Store:
         self.owner = process_owner()  # written on the orders this process is placing
 
     @classmethod
-    async def open(cls, path: Path | str, *, trace: SqlTrace | None = None) -> Store:
+    async def open(
+        cls, path: Path | str, *, read_only: bool = False, trace: SqlTrace | None = None
+    ) -> Store:
         """Connect, switch to WAL, apply pending migrations.
 
-        `trace` sees every statement the store's connections run, with its values, from the
-        first one on (tests EXPLAIN them).
+        `read_only`: one read-only connection, no migration; an existing database is read as
+        it is and never changed (`smm-router check`). `trace` sees every statement the store's
+        connections run, with its values, from the first one on (tests EXPLAIN them).
         """
+        if read_only:
+            try:
+                reader = await _connect(path, read_only=True, trace=trace)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            try:
+                await reader.execute_fetchall("SELECT count(*) FROM sqlite_master")
+            except sqlite3.DatabaseError as exc:
+                await reader.close()
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            return cls(reader, reader, reader)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         connections = [await _connect(path, trace=trace)]
         try:
@@ -368,9 +383,8 @@ class Store:
         return store
 
     async def close(self) -> None:
-        await self._reader.close()
-        await self._statements.close()
-        await self._writer.close()
+        for db in dict.fromkeys((self._reader, self._statements, self._writer)):
+            await db.close()  # each connection once: a read-only store has one in three roles
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -680,6 +694,48 @@ class Store:
             "SELECT value FROM counters WHERE name = 'orders_held'"
         )
         return int(rows[0][0])  # type: ignore[index]
+
+    async def orphaned_orders(self, providers: Iterable[str]) -> dict[str, int] | None:
+        """Open orders (placing, held, or placed and not final) per provider NOT in
+        `providers`: a provider removed from the config leaves them unsynced.
+
+        By index only: one step through orders_due per provider with active orders, a count
+        of the removed ones' orders, and the few held and placing orders. None when the
+        database predates those indexes (a server start migrates it).
+        """
+        known = sorted(set(providers))
+        rows = await self._reader.execute_fetchall(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' "
+            "AND name IN ('orders_due', 'orders_held', 'orders_placing')"
+        )
+        if int(rows[0][0]) != 3:  # type: ignore[index]
+            return None
+        # A skip-scan: each step finds the next provider in orders_due, not each of its orders.
+        active = await self._reader.execute_fetchall(
+            "WITH RECURSIVE seen(name) AS ("
+            f"SELECT min(provider) FROM orders INDEXED BY orders_due WHERE {_ACTIVE_ORDER} "
+            "UNION ALL SELECT (SELECT min(provider) FROM orders INDEXED BY orders_due "
+            f"WHERE provider > seen.name AND {_ACTIVE_ORDER}) FROM seen WHERE name IS NOT NULL) "
+            "SELECT name, (SELECT count(*) FROM orders INDEXED BY orders_due "
+            f"WHERE provider = seen.name AND {_ACTIVE_ORDER}) FROM seen "
+            f"WHERE name IS NOT NULL AND name NOT IN ({_placeholders(len(known))})",
+            known,
+        )
+        unsettled = [
+            *await self._reader.execute_fetchall(
+                "SELECT provider, count(*) FROM orders INDEXED BY orders_held "
+                "WHERE state = 'held' GROUP BY provider"
+            ),
+            *await self._reader.execute_fetchall(
+                "SELECT provider, count(*) FROM orders INDEXED BY orders_placing "
+                "WHERE state = 'placing' GROUP BY provider"
+            ),
+        ]
+        orphaned: dict[str, int] = {}
+        for provider, count in [*active, *unsettled]:
+            if provider is not None and provider not in known:
+                orphaned[provider] = orphaned.get(provider, 0) + count
+        return dict(sorted(orphaned.items()))
 
     async def count_orders(self, reseller_id: int | None = None) -> dict[str, int]:
         """Orders by state, for one reseller or all."""
@@ -1396,8 +1452,15 @@ class CallLatency:
     p95: float | None
 
 
-async def _connect(path: Path | str, *, trace: SqlTrace | None = None) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(str(path), isolation_level=None)
+async def _connect(
+    path: Path | str, *, read_only: bool = False, trace: SqlTrace | None = None
+) -> aiosqlite.Connection:
+    if read_only:  # mode=ro: SQLite itself refuses any write, and never creates the file
+        db = await aiosqlite.connect(
+            f"file:{quote(os.fspath(path))}?mode=ro", uri=True, isolation_level=None
+        )
+    else:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
     if trace is not None:
         await db.set_trace_callback(trace)
     await db.execute_fetchall(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +37,7 @@ SMALL = {
     "provider_catalogues",
     "route_catalogue",
     "provider_balances",  # pruned to a retention period: start-up reads each provider's last
+    "seen",  # the providers found by Store.orphaned_orders' skip-scan
     "CONSTANT",  # SCAN CONSTANT ROW
 }
 # Partial indexes of the transient states: as many entries as orders held or being placed.
@@ -140,6 +142,7 @@ async def test_healthz_metrics_and_start_up_read_a_million_orders_by_index(
     print(f"\nfilled {MILLION:,} orders in {filled:.2f} s")
     kinds = [(_kind(i), PROVIDERS[i % 3]) for i in range(1, MILLION + 1)]
     held = sum(kind in ("held", "placing") for kind, _ in kinds)  # start-up holds the placing
+    orphaned = sum(p == "gone" and kind in ("held", "placing", "active") for kind, p in kinds)
 
     url = f"http://127.0.0.1:{free_port()}/api/v2"  # start-up calls no provider
     config = build_config(
@@ -149,9 +152,13 @@ async def test_healthz_metrics_and_start_up_read_a_million_orders_by_index(
     statements: list[str] = []
     app[SQL_TRACE] = statements.append
     started = time.perf_counter()
-    client = await aiohttp_client(app)
+    with structlog.testing.capture_logs() as logs:
+        client = await aiohttp_client(app)
     print(f"start-up: {(time.perf_counter() - started) * 1000:.1f} ms")
     start_up, statements[:] = list(statements), []
+    assert [(e["provider"], e["count"]) for e in logs if e["event"] == "orphaned_orders"] == [
+        ("gone", orphaned)
+    ]
 
     response, first, median = await _timed(lambda: client.get("/healthz"))
     assert response.status == 200 and await response.json() == {"status": "ok"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from router.store import Attempt, NewOrder, Store
+from router.store import Attempt, NewOrder, Store, StoreError
 from router.upstream import CallRecord, Outcome
 
 
@@ -263,6 +263,20 @@ async def test_processes_starting_together_on_a_new_database(tmp_path: Path) -> 
     ]
     store = await Store.open(path)
     assert [await other.wait() for other in others] == [0, 0, 0]
+    await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
+
+
+async def test_a_read_only_store_never_creates_or_changes_a_database(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path / "missing.db", read_only=True)
+    assert not (tmp_path / "missing.db").exists()
+    path = tmp_path / "router.db"
+    await (await Store.open(path)).close()
+    store = await Store.open(path, read_only=True)
+    assert await store.count_held() == 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await store.create_reseller("acme", "hash", 0)
     await store.close()
     assert _applied(path) == sorted(_shipped_migrations())
 
