@@ -28,7 +28,7 @@ from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
 from router.routing import ProviderState
-from router.store import CALL_RETENTION_SECONDS, Store
+from router.store import CALL_RETENTION_SECONDS, SqlTrace, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
 from router.upstream import CallRecord, UpstreamClient
@@ -63,6 +63,8 @@ DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
 ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
 PROVIDER_WATCHER: Final = web.AppKey("provider_watcher", ProviderWatcher)
+# Set before start-up to see every SQL statement the store runs (tests EXPLAIN them all).
+SQL_TRACE: Final[web.AppKey[SqlTrace]] = web.AppKey("sql_trace")
 
 
 class CallLog:
@@ -136,9 +138,16 @@ async def hold_interrupted(store: Store, config: Config) -> None:
         log.warning("interrupted_orders_held", count=held)
 
 
+async def warn_orphaned(store: Store, config: Config) -> None:
+    """Log the open orders of providers no longer in the config: nothing syncs them."""
+    for provider, count in (await store.orphaned_orders(config.providers) or {}).items():
+        log.warning("orphaned_orders", provider=provider, count=count)
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[CONFIG].database)
+    store = await Store.open(app[CONFIG].database, trace=app.get(SQL_TRACE))
     await hold_interrupted(store, app[CONFIG])
+    await warn_orphaned(store, app[CONFIG])
     app[STORE] = store
     app[CALLS] = CallLog(store, app[METRICS])
     yield

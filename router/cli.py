@@ -32,7 +32,13 @@ from router.metrics import Metrics
 from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_status
 from router.routing import ProviderState
 from router.store import DatabaseUnavailable, Order, Store, StoreError
-from router.sync.providers import ProviderReport, ProviderWatcher, check_online, provider_report
+from router.sync.providers import (
+    Problem,
+    ProviderReport,
+    ProviderWatcher,
+    check_online,
+    provider_report,
+)
 from router.upstream import CallRecord, UpstreamClient
 
 T = TypeVar("T")
@@ -136,22 +142,69 @@ def run_until_signal(work: Awaitable[None]) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
+    orphans = _orphaned_orders(config)
     if args.online:
-        return _check_online(config, as_json=args.json)
+        return _check_online(config, as_json=args.json, problems=orphans)
+    if args.json:
+        print(json.dumps({"ok": not orphans, "problems": [_problem_json(p) for p in orphans]}))
+        return 1 if orphans else 0
+    for problem in orphans:
+        print(problem)
+    verdict = f"{len(orphans)} problems" if orphans else "ok"
     print(
-        f"ok: {len(config.providers)} providers, {len(config.services)} services, "
+        f"{verdict}: {len(config.providers)} providers, {len(config.services)} services, "
         f"database {config.database}"
     )
-    return 0
+    return 1 if orphans else 0
 
 
-def _check_online(config: Config, *, as_json: bool) -> int:
-    """`check --online`: every route against what its provider answers now; 1 on any problem."""
-    problems, probes = asyncio.run(check_online(config))
+def _orphaned_orders(config: Config) -> list[Problem]:
+    """Open orders at providers the config no longer has: nothing syncs them any more.
+
+    Read from the database as it is, when there is one (`check` never creates or migrates it).
+    """
+    if not config.database.exists():
+        return []
+
+    async def read() -> dict[str, int] | None:
+        store = await Store.open(config.database, read_only=True)
+        try:
+            return await store.orphaned_orders(config.providers)
+        finally:
+            await store.close()
+
+    orphaned = asyncio.run(read())
+    if orphaned is None:
+        print(
+            f"note: database {config.database} is older than this version; "
+            "orders of removed providers are checked once a server has started on it",
+            file=sys.stderr,
+        )
+        return []
+    return [
+        Problem(
+            f"providers.{provider}",
+            "orphaned",
+            f"removed, but {count} open {'order is' if count == 1 else 'orders are'} still at it "
+            "(they no longer sync; put the provider back or resolve them)",
+        )
+        for provider, count in orphaned.items()
+    ]
+
+
+def _problem_json(problem: Problem) -> dict[str, str]:
+    return {"path": problem.path, "kind": problem.kind, "message": problem.message}
+
+
+def _check_online(config: Config, *, as_json: bool, problems: Sequence[Problem] = ()) -> int:
+    """`check --online`: every route against what its provider answers now; 1 on any problem
+    (`problems`: the offline check's, reported with them)."""
+    online, probes = asyncio.run(check_online(config))
+    problems = [*problems, *online]
     if as_json:
         document = {
             "ok": not problems,
-            "problems": [{"path": p.path, "kind": p.kind, "message": p.message} for p in problems],
+            "problems": [_problem_json(p) for p in problems],
             "providers": {
                 name: {
                     "services": None if probe.catalogue is None else len(probe.catalogue),

@@ -36,6 +36,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Final, TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 import structlog
@@ -44,6 +45,7 @@ from router import v2
 from router.upstream import CallRecord
 
 T = TypeVar("T")
+SqlTrace = Callable[[str], object]  # called with each statement run, values filled in
 
 log = structlog.get_logger("router.store")
 
@@ -65,6 +67,7 @@ class WriteRetry:
 
 
 SETTLE_RETRY: Final = WriteRetry()  # Store.open's default
+WAL_RETRY_SECONDS: Final = 0.01
 
 
 class StoreError(Exception):
@@ -439,33 +442,50 @@ class Store:
         *,
         busy_timeout_ms: int | None = None,
         settle_retry: WriteRetry | None = None,
+        read_only: bool = False,
+        trace: SqlTrace | None = None,
     ) -> Store:
         """Connect, switch to WAL, apply pending migrations; DatabaseUnavailable if it cannot.
 
         `busy_timeout_ms` (default BUSY_TIMEOUT_MS) and `settle_retry` (default SETTLE_RETRY)
         are read when the store opens: tests that lock the database shorten them.
+        `read_only`: one read-only connection, no migration; an existing database is read as
+        it is and never changed (`smm-router check`). `trace` sees every statement the store's
+        connections run, with its values, from the first one on (tests EXPLAIN them).
         """
         busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
+        if read_only:
+            try:
+                reader = await _connect(path, busy, read_only=True, trace=trace)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            try:
+                await reader.execute_fetchall("SELECT count(*) FROM sqlite_master")
+            except sqlite3.DatabaseError as exc:
+                await reader.close()
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            return cls(reader, reader, reader)
         opened: list[aiosqlite.Connection] = []
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            opened.append(writer := await _connect(path, busy))
-            await writer.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-            opened.append(statements := await _connect(path, busy))
-            opened.append(reader := await _connect(path, busy))
+            opened.append(writer := await _connect(path, busy, trace=trace))
+            await _use_wal(writer, busy)
+            opened.append(statements := await _connect(path, busy, trace=trace))
+            opened.append(reader := await _connect(path, busy, trace=trace))
             store = cls(writer, statements, reader, settle_retry=settle_retry or SETTLE_RETRY)
             await store._migrate()
-        except (OSError, sqlite3.Error) as exc:
+        except BaseException as exc:
             for db in opened:  # each runs a thread that would keep the process from exiting
                 with suppress(sqlite3.Error):
                     await db.close()
-            raise DatabaseUnavailable(Path(path), exc) from exc
+            if isinstance(exc, OSError | sqlite3.Error):
+                raise DatabaseUnavailable(Path(path), exc) from exc
+            raise
         return store
 
     async def close(self) -> None:
-        await self._reader.close()
-        await self._statements.close()
-        await self._writer.close()
+        for db in dict.fromkeys((self._reader, self._statements, self._writer)):
+            await db.close()  # each connection once: a read-only store has one in three roles
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -492,25 +512,39 @@ class Store:
         yield self._statements
 
     async def _migrate(self) -> None:
-        await self._writer.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        done = {
-            row[0]
-            for row in await self._writer.execute_fetchall("SELECT name FROM schema_migrations")
-        }
-        folder = resources.files("router") / "migrations"
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-            if not entry.name.endswith(".sql") or entry.name in done:
-                continue
-            async with self.transaction() as db:
-                for statement in _split_sql(entry.read_text(encoding="utf-8")):
+        """Apply the migrations not recorded yet, all in one transaction with their records.
+
+        The applied set is read again under the write lock (BEGIN IMMEDIATE): two processes
+        starting at once (a server and a CLI) never apply one twice, the second finds them
+        applied. A start-up with nothing to apply takes no write lock.
+        """
+        migrations = _migrations()
+        if migrations.keys() <= await self._applied_migrations(self._writer):
+            return
+        async with self.transaction() as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            applied = await self._applied_migrations(db)
+            for name, script in migrations.items():
+                if name in applied:
+                    continue
+                for statement in _split_sql(script):
                     await db.execute(statement)
                 await db.execute(
                     "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (entry.name, time.time()),
+                    (name, time.time()),
                 )
+
+    @staticmethod
+    async def _applied_migrations(db: aiosqlite.Connection) -> set[str]:
+        """The migrations recorded in the database (none in a new one)."""
+        if not await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        ):
+            return set()
+        return {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
 
     # --- Resellers ----------------------------------------------------------------------------
 
@@ -780,7 +814,7 @@ class Store:
         older router during a rolling restart, the CLI re-routing) finishes its own orders.
         """
         rows = await self._reader.execute_fetchall(
-            "SELECT id, placing_by FROM orders WHERE state = 'placing'"
+            "SELECT id, placing_by FROM orders INDEXED BY orders_placing WHERE state = 'placing'"
         )
         now = time.time()
         orphaned = [(now, row[0]) for row in rows if not owner_alive(row[1])]
@@ -792,7 +826,7 @@ class Store:
             )
             held = max(cursor.rowcount, 0)
             cursor = await db.execute(
-                "UPDATE orders SET state = 'held', updated_at = ? "
+                "UPDATE orders INDEXED BY orders_placing SET state = 'held', updated_at = ? "
                 "WHERE state = 'placing' AND updated_at < ?",
                 (now, stale_before),
             )
@@ -825,10 +859,54 @@ class Store:
         return [Attempt(*row) for row in rows]
 
     async def count_held(self) -> int:
+        """Held orders, from the counter that migration 0008's triggers keep: one row read
+        whatever the size of the orders table (/healthz and every /metrics scrape ask)."""
         rows = await self._reader.execute_fetchall(
-            "SELECT count(*) FROM orders WHERE state = 'held'"
+            "SELECT value FROM counters WHERE name = 'orders_held'"
         )
         return int(rows[0][0])  # type: ignore[index]
+
+    async def orphaned_orders(self, providers: Iterable[str]) -> dict[str, int] | None:
+        """Open orders (placing, held, or placed and not final) per provider NOT in
+        `providers`: a provider removed from the config leaves them unsynced.
+
+        By index only: one step through orders_due per provider with active orders, a count
+        of the removed ones' orders, and the few held and placing orders. None when the
+        database predates those indexes (a server start migrates it).
+        """
+        known = sorted(set(providers))
+        rows = await self._reader.execute_fetchall(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' "
+            "AND name IN ('orders_due', 'orders_held', 'orders_placing')"
+        )
+        if int(rows[0][0]) != 3:  # type: ignore[index]
+            return None
+        # A skip-scan: each step finds the next provider in orders_due, not each of its orders.
+        active = await self._reader.execute_fetchall(
+            "WITH RECURSIVE seen(name) AS ("
+            f"SELECT min(provider) FROM orders INDEXED BY orders_due WHERE {_ACTIVE_ORDER} "
+            "UNION ALL SELECT (SELECT min(provider) FROM orders INDEXED BY orders_due "
+            f"WHERE provider > seen.name AND {_ACTIVE_ORDER}) FROM seen WHERE name IS NOT NULL) "
+            "SELECT name, (SELECT count(*) FROM orders INDEXED BY orders_due "
+            f"WHERE provider = seen.name AND {_ACTIVE_ORDER}) FROM seen "
+            f"WHERE name IS NOT NULL AND name NOT IN ({_placeholders(len(known))})",
+            known,
+        )
+        unsettled = [
+            *await self._reader.execute_fetchall(
+                "SELECT provider, count(*) FROM orders INDEXED BY orders_held "
+                "WHERE state = 'held' GROUP BY provider"
+            ),
+            *await self._reader.execute_fetchall(
+                "SELECT provider, count(*) FROM orders INDEXED BY orders_placing "
+                "WHERE state = 'placing' GROUP BY provider"
+            ),
+        ]
+        orphaned: dict[str, int] = {}
+        for provider, count in [*active, *unsettled]:
+            if provider is not None and provider not in known:
+                orphaned[provider] = orphaned.get(provider, 0) + count
+        return dict(sorted(orphaned.items()))
 
     async def count_orders(self, reseller_id: int | None = None) -> dict[str, int]:
         """Orders by state, for one reseller or all."""
@@ -848,7 +926,7 @@ class Store:
             "o.charge, o.created_at, o.updated_at, "
             "(SELECT a.error FROM attempts a WHERE a.order_id = o.id AND a.provider = o.provider "
             "AND a.upstream_service = o.upstream_service ORDER BY a.id DESC LIMIT 1) "
-            "FROM orders o JOIN resellers r ON r.id = o.reseller_id "
+            "FROM orders o INDEXED BY orders_held JOIN resellers r ON r.id = o.reseller_id "
             "WHERE o.state = 'held' ORDER BY o.id"
         )
         return [HeldOrder(*row) for row in rows]
@@ -1572,9 +1650,22 @@ class CallLatency:
     p95: float | None
 
 
-async def _connect(path: Path | str, busy_timeout_ms: int) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(str(path), isolation_level=None)
+async def _connect(
+    path: Path | str,
+    busy_timeout_ms: int,
+    *,
+    read_only: bool = False,
+    trace: SqlTrace | None = None,
+) -> aiosqlite.Connection:
+    if read_only:  # mode=ro: SQLite itself refuses any write, and never creates the file
+        db = await aiosqlite.connect(
+            f"file:{quote(os.fspath(path))}?mode=ro", uri=True, isolation_level=None
+        )
+    else:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
     try:
+        if trace is not None:
+            await db.set_trace_callback(trace)
         await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         await db.execute_fetchall("PRAGMA foreign_keys=ON")
         await db.execute_fetchall(
@@ -1584,6 +1675,34 @@ async def _connect(path: Path | str, busy_timeout_ms: int) -> aiosqlite.Connecti
         await db.close()  # its thread would keep the process from exiting
         raise
     return db
+
+
+async def _use_wal(db: aiosqlite.Connection, busy_timeout_ms: int) -> None:
+    """Switch the database to WAL, waiting out another process doing the same.
+
+    Two processes opening a new database at once (a server and a CLI) both ask: SQLite answers
+    one of them "locked" at once, without the busy timeout (both hold a read lock, and waiting
+    could deadlock), so that one asks again until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            await db.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(WAL_RETRY_SECONDS)
+
+
+def _migrations() -> dict[str, str]:
+    """The shipped migrations (name -> SQL), in the order they apply."""
+    folder = resources.files("router") / "migrations"
+    return {
+        entry.name: entry.read_text(encoding="utf-8")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".sql")
+    }
 
 
 def _split_sql(script: str) -> list[str]:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -18,6 +22,7 @@ from router import config as config_module
 from router.app import create_app
 from router.cli import main
 from router.sim import SimProvider
+from router.store import NewOrder, Store
 
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: 18080}}
@@ -150,3 +155,89 @@ def test_version_is_the_package_metadata() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"smm-router {version('smm-router')}\n"
+
+
+async def test_check_and_start_up_name_open_orders_of_removed_providers(
+    config_file: Path, capsys: pytest.CaptureFixture[str], aiohttp_client: Any
+) -> None:
+    """Orders at a provider gone from the config are synced by nothing: `check` fails naming
+    each such provider with its open orders (placing, held, placed and not final), and the
+    server says so at start-up. A removed provider whose orders all ended is no problem."""
+    c = ("--config", str(config_file))
+
+    async def check(*argv: str) -> tuple[int, str, str]:  # in a thread: it runs its own loop
+        return await asyncio.to_thread(run, capsys, "check", *argv, *c)
+
+    database = config_file.parent / "router.db"
+    assert (await check())[0] == 0
+    assert not database.exists()  # `check` never creates the database
+
+    store = await Store.open(database)
+    reseller = await store.create_reseller("acme", "hash", 100_000_000)
+
+    def order(provider: str) -> NewOrder:
+        return NewOrder(reseller.id, 1, "x", 1000, 100_000, {"quantity": "1000"}, provider, 7)
+
+    await store.reserve_order(order("gamma"))
+    assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 1  # held
+    await store.reserve_order(order("gamma"))  # placing
+    await store.create_placed_orders([(order("gamma"), n) for n in (1, 2, 3)])
+    await store.create_placed_orders([(order("beta"), 1), (order("alpha"), 1)])
+    async with store.transaction() as db:  # ended upstream: nothing left to sync
+        await db.execute("UPDATE orders SET status = 'Completed' WHERE upstream_order = 3")
+        await db.execute("UPDATE orders SET status = 'Partial' WHERE provider = 'beta'")
+    await store.close()
+    schema = database.read_bytes()
+
+    code, out, _ = await check()
+    assert code == 1
+    assert out.splitlines() == [
+        "providers.gamma: removed, but 4 open orders are still at it "
+        "(they no longer sync; put the provider back or resolve them)",
+        f"1 problems: 1 providers, 1 services, database {database}",
+    ]
+    code, out, _ = await check("--json")
+    assert code == 1
+    assert json.loads(out) == {
+        "ok": False,
+        "problems": [
+            {
+                "path": "providers.gamma",
+                "kind": "orphaned",
+                "message": "removed, but 4 open orders are still at it "
+                "(they no longer sync; put the provider back or resolve them)",
+            }
+        ],
+    }
+    assert database.read_bytes() == schema  # read, never changed
+
+    config = config_module.load(config_file)
+    with structlog.testing.capture_logs() as logs:
+        await aiohttp_client(create_app(config, background=False))
+    warnings = [e for e in logs if e["event"] == "orphaned_orders"]
+    assert [(e["provider"], e["count"], e["log_level"]) for e in warnings] == [
+        ("gamma", 4, "warning")
+    ]
+
+
+def test_check_of_a_database_older_than_its_indexes(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database no server of this version has migrated lacks the indexes the check reads
+    by: `check` says so rather than scan its orders, and changes nothing."""
+    database = config_file.parent / "router.db"
+
+    async def create() -> None:
+        await (await Store.open(database)).close()
+
+    asyncio.run(create())
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("DROP INDEX orders_held")  # as before migration 0008
+        db.commit()
+    before = database.read_bytes()
+
+    code, out, err = run(capsys, "check", "--config", str(config_file))
+
+    assert code == 0 and out.startswith("ok: ")
+    assert "is older than this version" in err
+    assert database.read_bytes() == before

@@ -21,16 +21,16 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from router import config as config_module
 from router import v2
 from router.api import hash_key
-from router.app import ORDER_SYNC, create_app
+from router.app import ORDER_SYNC, create_app, create_metrics_app
 from router.cli import build_parser, main, operator_desk
 from router.sim import Fault, SimProvider
-from router.store import Store
+from router.store import NewOrder, Store
 from tests.conftest import SIM_KEY, Router, SimFactory, free_port, wait_for
 
 CONFIG = """\
@@ -591,3 +591,47 @@ async def test_refund_of_an_order_that_ended_upstream(
     code, _, err = await cli(setup.path, *refund, "0.10")
     assert code == 1 and "already refunded 0.40" in err
     await setup.assert_balance("9.40")
+
+
+async def test_the_held_gauge_stays_exact_through_every_resolution(setup: Setup, cli: Cli) -> None:
+    """smm_router_orders_held comes from a counter the schema keeps (migration 0008): after
+    holds, a refund, re-routes that place, hold again and cancel, an attach, an interrupted
+    placement and orders imported as placed, it still equals a count of the held orders."""
+    store, beta, gamma = setup.router.store, setup.sims["beta"], setup.sims["gamma"]
+
+    async def assert_held(expected: int) -> None:
+        async with store.transaction() as db:
+            rows = await db.execute_fetchall("SELECT count(*) FROM orders WHERE state = 'held'")
+        assert (await store.count_held(), next(iter(rows))[0]) == (expected, expected)
+
+    held = [await setup.held_order() for _ in range(6)]  # placing -> held
+    await assert_held(6)
+    assert (await cli(setup.path, "orders", "resolve", str(held[0]), "--refund"))[0] == 0
+    await assert_held(5)  # held -> canceled
+    assert (await cli(setup.path, "orders", "resolve", str(held[1]), "--reroute"))[0] == 0
+    await assert_held(4)  # held -> placing -> placed
+    beta.set_fault(101, Fault.RESET)
+    assert (await cli(setup.path, "orders", "resolve", str(held[2]), "--reroute"))[0] == 0
+    await assert_held(4)  # held -> placing -> held
+    beta.set_fault(101, Fault.REFUSE)
+    gamma.set_fault(101, Fault.NO_FUNDS)
+    assert (await cli(setup.path, "orders", "resolve", str(held[3]), "--reroute"))[0] == 0
+    await assert_held(3)  # held -> placing -> canceled
+    attach = ("orders", "resolve", str(held[4]), "--upstream-order", "4242")
+    assert (await cli(setup.path, *attach))[0] == 0
+    await assert_held(2)  # held -> placed
+
+    reseller = await store.reseller_by_name("acme")
+    assert reseller is not None
+    new = NewOrder(reseller.id, 1, "x", 100, 10_000, {"quantity": "100"}, "alpha", 101)
+    assert await store.reserve_order(new) is not None
+    await assert_held(2)
+    assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 1
+    await assert_held(3)  # placing -> held, by the start-up sweep
+    await store.create_placed_orders([(new, 9000 + n) for n in range(3)])
+    await assert_held(3)
+
+    async with TestClient(TestServer(create_metrics_app(setup.router.app))) as metrics:
+        text = await (await metrics.get("/metrics")).text()
+    assert "\nsmm_router_orders_held 3.0\n" in text
+    await setup.assert_balance("5.60")  # 10 - 6 x 1.00 + 2 x 1.00 refunded - 4 x 0.10

@@ -1,13 +1,19 @@
-"""The store's own guarantees: transactions that survive cancellation, one-statement settling."""
+"""The store's own guarantees: transactions that survive cancellation, one-statement settling,
+migrations applied once and never edited, the held counter."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +274,191 @@ async def test_request_id_and_open_refill_lookups_use_their_indexes(store: Store
     assert "orders USING INDEX orders_by_request_id" in plans[0]
     assert "refills USING INDEX refills_open_by_order" in plans[1]
     assert not [plan for plan in plans if "SCAN" in plan], plans
+
+
+# --- Migrations ------------------------------------------------------------------------------
+
+# Every released migration, with the SHA-256 of its file. A released migration is never edited:
+# a schema change goes in a new file. A new migration adds its line here when it lands.
+RELEASED_MIGRATIONS = {
+    "0001_initial.sql": "c70fe8975b2b7bdec7408058a5426d0f2780a4291a0fb4755b7de7df8df52355",
+    "0002_order_sync.sql": "6e5d66c9b533c01f137a4d7f0ec1e518d9ac979e41df31c8e6bd5fa4446e7fcd",
+    "0003_providers.sql": "7840d02f071ba6e5b0f61cfc8c1417cc267e78f1cd22e78b00a1ab8477498676",
+    "0004_settle_in_one_statement.sql": (
+        "7438096607e4c92b1c5a476f6aec5ad5039bb9255886f3b8e6893135a91ed4cf"
+    ),
+    "0005_placing_owner.sql": "31488c889be2215fd325e41655ec1db0a038f88dee5ee300693f366b1c796e96",
+    "0006_one_local_order_per_upstream_order.sql": (
+        "6ed62be0ef79d2e519e7cc2771acc5a2509378b7c06b96898163389c493cd17f"
+    ),
+    "0007_request_ids_and_open_refills.sql": (
+        "08d1e482367808fae773ebe96ed70c1d3b29f0829f584bf70d59b8245b660cd3"
+    ),
+    "0008_held_counter_and_indexes.sql": (
+        "4b3fe96a9efc60e4e077ce6ba1428e20511edd65d6192cef031e3702a2175cf4"
+    ),
+}
+
+
+def _shipped_migrations() -> dict[str, str]:
+    folder = resources.files("router") / "migrations"
+    return {
+        entry.name: hashlib.sha256(entry.read_bytes()).hexdigest()
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    }
+
+
+def test_a_released_migration_is_never_edited() -> None:
+    """Each shipped migration file is byte for byte the one released, and each is listed.
+
+    A new migration adds its line to RELEASED_MIGRATIONS (the message below prints it); a
+    released one is never changed: a database created before the edit would never see it.
+    """
+    shipped = _shipped_migrations()
+    for name, digest in RELEASED_MIGRATIONS.items():
+        assert name in shipped, f"released migration {name} is gone"
+        assert shipped[name] == digest, f"released migration {name} was edited"
+    unlisted = {name: digest for name, digest in shipped.items() if name not in RELEASED_MIGRATIONS}
+    assert not unlisted, "add to RELEASED_MIGRATIONS:\n" + "\n".join(
+        f'    "{name}": "{digest}",' for name, digest in sorted(unlisted.items())
+    )
+
+
+def _schema(path: Path) -> list[tuple[str, str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    return [tuple(row) for row in rows]
+
+
+def _applied(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+
+@pytest.mark.parametrize("round", range(3))
+async def test_stores_opening_a_new_database_at_once_apply_each_migration_once(
+    tmp_path: Path, round: int
+) -> None:
+    """A server and CLIs starting together on a new file: all open it, the schema is whole,
+    each migration is recorded once (the applied set is read again under the write lock)."""
+    alone = await Store.open(tmp_path / "alone.db")
+    await alone.close()
+    path = tmp_path / "together.db"
+
+    opened = await asyncio.gather(*(Store.open(path) for _ in range(4)), return_exceptions=True)
+    stores = [store for store in opened if isinstance(store, Store)]
+    if len(stores) < len(opened):
+        for store in stores:
+            await store.close()  # an open connection's thread would keep pytest from exiting
+    assert [type(store) for store in opened] == [Store] * 4, opened
+
+    reseller = await stores[0].create_reseller("acme", "hash", 100)
+    for store in stores:
+        assert await store.reseller_by_name("acme") == reseller
+        assert await store.count_held() == 0
+        await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
+    assert _schema(path) == _schema(tmp_path / "alone.db")
+
+
+async def test_processes_starting_together_on_a_new_database(tmp_path: Path) -> None:
+    """Other processes (CLIs) open the same new database while this one migrates it."""
+    path = tmp_path / "router.db"
+    script = (
+        "import asyncio, sys\n"
+        "from router.store import Store\n"
+        "async def main():\n"
+        "    store = await Store.open(sys.argv[1])\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+    )
+    others = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path))
+        for _ in range(3)
+    ]
+    store = await Store.open(path)
+    assert [await other.wait() for other in others] == [0, 0, 0]
+    await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
+
+
+async def test_a_read_only_store_never_creates_or_changes_a_database(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path / "missing.db", read_only=True)
+    assert not (tmp_path / "missing.db").exists()
+    path = tmp_path / "router.db"
+    await (await Store.open(path)).close()
+    store = await Store.open(path, read_only=True)
+    assert await store.count_held() == 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await store.create_reseller("acme", "hash", 0)
+    await store.close()
+    assert _applied(path) == sorted(_shipped_migrations())
+
+
+# --- The held counter ------------------------------------------------------------------------
+
+
+async def _held_by_count(store: Store) -> int:
+    async with store.transaction() as db:
+        rows = await db.execute_fetchall("SELECT count(*) FROM orders WHERE state = 'held'")
+    return int(next(iter(rows))[0])
+
+
+async def test_the_held_counter_follows_every_way_in_and_out_of_held(store: Store) -> None:
+    """The triggers of migration 0008 see inserts, updates of the state and deletes."""
+    reseller = await store.create_reseller("acme", "hash", 10_000)
+    order_id = await store.reserve_order(
+        NewOrder(reseller.id, 1, "https://x.example/p", 100, 100, {}, "a", 7)
+    )
+    assert order_id is not None
+    await _placed_by(store, order_id, _dead_owner())
+    assert await store.hold_interrupted_orders(stale_before=0) == 1  # placing -> held
+    assert await store.count_held() == await _held_by_count(store) == 1
+    async with store.transaction() as db:  # paths no code takes today, counted all the same
+        await db.execute(
+            "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
+            "created_at, updated_at) VALUES (?, 1, 'held', 'x', 1, 0, '{}', 0, 0)",
+            (reseller.id,),
+        )
+        await db.execute("UPDATE orders SET status = 'In progress' WHERE state = 'held'")
+        assert await store.count_held() == 1  # another connection: the insert is not committed
+    assert await store.count_held() == await _held_by_count(store) == 2
+    async with store.transaction() as db:
+        await db.execute("DELETE FROM orders WHERE state = 'held' AND id <> ?", (order_id,))
+    assert await store.count_held() == await _held_by_count(store) == 1
+    assert await store.refund_held(order_id, "refund by ops")  # held -> canceled
+    assert await store.count_held() == await _held_by_count(store) == 0
+
+
+async def test_the_migration_counts_the_orders_already_held(tmp_path: Path) -> None:
+    """A database from before migration 0008 starts its counter from the held orders it has."""
+    path = tmp_path / "router.db"
+    store = await Store.open(path)
+    reseller = await store.create_reseller("acme", "hash", 0)
+    async with store.transaction() as db:
+        for state in ("held", "held", "placed", "failed", "held"):
+            await db.execute(
+                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
+                "created_at, updated_at) VALUES (?, 1, ?, 'x', 1, 0, '{}', 0, 0)",
+                (reseller.id, state),
+            )
+    await store.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        # Undo 0008 as if it had never run: what a database from the release before has.
+        for trigger in ("insert", "update", "delete"):
+            db.execute(f"DROP TRIGGER order_held_counted_on_{trigger}")
+        db.execute("DROP TABLE counters")
+        db.execute("DROP INDEX orders_held")
+        db.execute("DROP INDEX orders_placing")
+        db.execute(
+            "CREATE INDEX orders_unsettled ON orders (state) WHERE state IN ('placing', 'held')"
+        )
+        db.execute("DELETE FROM schema_migrations WHERE name = '0008_held_counter_and_indexes.sql'")
+
+    store = await Store.open(path)
+    assert await store.count_held() == 3
+    await store.close()
