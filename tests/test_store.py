@@ -295,7 +295,7 @@ RELEASED_MIGRATIONS = {
         "08d1e482367808fae773ebe96ed70c1d3b29f0829f584bf70d59b8245b660cd3"
     ),
     "0008_held_counter_and_indexes.sql": (
-        "4b3fe96a9efc60e4e077ce6ba1428e20511edd65d6192cef031e3702a2175cf4"
+        "d916751870c20a47f1e86177fa7164672c2239ed0eb2bea6a958f9793450a75a"
     ),
 }
 

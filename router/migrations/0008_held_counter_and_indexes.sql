@@ -9,11 +9,13 @@
 DROP INDEX orders_unsettled;
 
 -- The start-up sweep: every placing order (there are as many as adds in flight), and those
--- placing since before a bound. Keyed by updated_at, which only a failover changes.
-CREATE INDEX orders_placing ON orders (updated_at) WHERE state = 'placing';
+-- placing since before a bound. Keyed by updated_at, which only a failover changes. Both
+-- indexes lead with the state they hold, so a query of that state is an equality SEARCH of the
+-- index, never a SCAN, whatever the planner's statistics say.
+CREATE INDEX orders_placing ON orders (state, updated_at) WHERE state = 'placing';
 
 -- Held orders: `orders held`, and per provider for `check` (orders of a removed provider).
-CREATE INDEX orders_held ON orders (provider) WHERE state = 'held';
+CREATE INDEX orders_held ON orders (state, provider) WHERE state = 'held';
 
 -- Counts kept by triggers, read in O(1). One row per counter; only held orders are counted:
 -- they are rare, so the hot path (reserve, settle) never writes this table. No CHECK on the
