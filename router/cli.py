@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from router import config as config_module
-from router import logs, v2
+from router import logs, reload, v2
 from router.api import hash_key
 from router.config import Config, ConfigError
 from router.metrics import Metrics
@@ -81,8 +81,12 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
 
 
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else config_module.default_config_path()
+
+
 def load_config(args: argparse.Namespace) -> Config:
-    path = Path(args.config) if args.config else config_module.default_config_path()
+    path = config_path(args)
     try:
         return config_module.load(path)
     except ConfigError as exc:
@@ -105,8 +109,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     logs.configure()
-    run_until_signal(serve(config))
+    run_until_signal(serve(config, config_path=config_path(args)))
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running server to re-read its config, and say whether it applied it."""
+    config = load_config(args)  # a config that fails `check` is refused here: nothing signalled
+    try:
+        result = asyncio.run(reload.request_reload(config))
+    except reload.NoServer as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"pid": result.pid, "outcome": result.outcome}))
+    elif result.outcome == "applied":
+        print(f"reloaded: the server (pid {result.pid}) applied the config")
+    elif result.outcome == "refused":
+        print(
+            f"smm-router: the server (pid {result.pid}) refused the config and keeps the one "
+            "it runs: its log line `config_reload_refused` lists why",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"signalled the server (pid {result.pid}), but {result.why_unknown}: its log line "
+            "`config_reloaded` or `config_reload_refused` tells the outcome"
+        )
+    return 1 if result.outcome == "refused" else 0
 
 
 def run_until_signal(work: Awaitable[None]) -> None:
@@ -665,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "serve", cmd_serve, "run the API, the metrics listener and the loops")
+    command(
+        commands,
+        "reload",
+        cmd_reload,
+        "make the running server re-read its config (SIGHUP through <database>.pid)",
+    )
     check = command(commands, "check", cmd_check, "validate the config; print every problem")
     check.add_argument(
         "--online", action="store_true", help="then call every provider and check each route"
