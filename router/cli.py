@@ -189,6 +189,27 @@ def _check_online(config: Config, *, as_json: bool) -> int:
     return 1 if problems else 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """`probe URL --key KEY`: one line per deviation from V2.md; exit 1 if any."""
+    from router import probe
+
+    try:
+        report = asyncio.run(probe.probe(args.url, args.key, call_seconds=args.timeout))
+    except ValueError as exc:  # not an http(s) URL
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(report.document()))
+    else:
+        for line in report.lines():
+            print(line)
+        if report.ok:
+            seen = "; ".join(f"{check.name}: {check.detail}" for check in report.checks)
+            print(f"ok: {report.url} answers as V2.md says ({seen})")
+        else:
+            print(f"{len(report.lines())} deviations from V2.md at {report.url}")
+    return 0 if report.ok else 1
+
+
 # --- providers -----------------------------------------------------------------------------------
 
 
@@ -209,6 +230,16 @@ def _days(text: str) -> float:
     if not 0 < days < 100_000:
         raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
     return days
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 3600:
+        raise argparse.ArgumentTypeError(f"not a number of seconds below 3600: {text!r}")
+    return seconds
 
 
 def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
@@ -704,6 +735,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--online", action="store_true", help="then call every provider and check each route"
     )
+    probe = commands.add_parser(
+        "probe",
+        help="check that a v2 server answers as V2.md says (read-only and refused calls)",
+        description="Check that a v2 server (an upstream about to be added) answers services, "
+        "balance, an unknown order's status and a refused add as V2.md says. It only reads, "
+        "or asks for what every panel refuses. Exit 1 on any deviation.",
+    )
+    probe.add_argument("url", metavar="URL", help="the server's v2 endpoint")
+    probe.add_argument("--key", required=True, help="the API key of our account there")
+    probe.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=config_module.DEFAULT_UPSTREAM_TIMEOUT,
+        help="seconds for each call (default: %(default)g)",
+    )
+    probe.add_argument("--json", action="store_true", help="print one JSON document")
+    probe.set_defaults(handler=cmd_probe)
     providers = command(
         commands, "providers", cmd_providers, "per provider: orders, money, health, state, balance"
     )
