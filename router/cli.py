@@ -23,7 +23,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from router import config as config_module
-from router import logs, reload, v2
+from router import logs, probe, reload, v2
 from router.api import hash_key
 from router.config import Config, ConfigError
 from router.metrics import Metrics
@@ -191,8 +191,6 @@ def _check_online(config: Config, *, as_json: bool) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """`probe URL --key KEY`: one line per deviation from V2.md; exit 1 if any."""
-    from router import probe
-
     try:
         report = asyncio.run(probe.probe(args.url, args.key, call_seconds=args.timeout))
     except ValueError as exc:  # not an http(s) URL
@@ -735,23 +733,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--online", action="store_true", help="then call every provider and check each route"
     )
-    probe = commands.add_parser(
+    checker = commands.add_parser(
         "probe",
         help="check that a v2 server answers as V2.md says (read-only and refused calls)",
         description="Check that a v2 server (an upstream about to be added) answers services, "
         "balance, an unknown order's status and a refused add as V2.md says. It only reads, "
         "or asks for what every panel refuses. Exit 1 on any deviation.",
     )
-    probe.add_argument("url", metavar="URL", help="the server's v2 endpoint")
-    probe.add_argument("--key", required=True, help="the API key of our account there")
-    probe.add_argument(
+    checker.add_argument("url", metavar="URL", help="the server's v2 endpoint")
+    checker.add_argument("--key", required=True, help="the API key of our account there")
+    checker.add_argument(
         "--timeout",
         type=_seconds,
         default=config_module.DEFAULT_UPSTREAM_TIMEOUT,
         help="seconds for each call (default: %(default)g)",
     )
-    probe.add_argument("--json", action="store_true", help="print one JSON document")
-    probe.set_defaults(handler=cmd_probe)
+    checker.add_argument("--json", action="store_true", help="print one JSON document")
+    checker.set_defaults(handler=cmd_probe)
     providers = command(
         commands, "providers", cmd_providers, "per provider: orders, money, health, state, balance"
     )
