@@ -132,12 +132,11 @@ async def probe(url: str, key: str, *, call_seconds: float = DEFAULT_UPSTREAM_TI
             try:
                 status, content_type, body = await client.answer(action, fields)
             except UpstreamUnreachable as exc:
-                if not checks:  # nothing answers there: no point in asking again
-                    skipped = f"not checked: {url} is unreachable"
-                    checks.append(Check(action, (f"unreachable: {exc.message}",), ""))
-                    checks += [Check(name, (skipped,), "") for name in CHECKS[1:]]
-                    break
                 checks.append(Check(action, (f"unreachable: {exc.message}",), ""))
+                if len(checks) == 1:  # nothing answers there: no point in asking again
+                    skipped = (f"not checked: {url} is unreachable",)
+                    checks += [Check(name, skipped, "") for name, _, _ in calls[1:]]
+                    break
                 continue
             except UpstreamError as exc:
                 checks.append(Check(action, (f"no complete answer: {exc.message}",), ""))

@@ -5,6 +5,7 @@ Usage::
     watcher = ProviderWatcher(config, store, clients, states, metrics)
     await watcher.restore()            # at start-up: stored catalogues and benches
     await watcher.balances_once()      # one pass; `run_balances()` loops (same for catalogues)
+    watcher.reconfigure(config, clients, fresh={"beta"})               # a config reload
     rows = await provider_report(config, store, since=..., until=...)   # `smm-router providers`
     problems, probes = await check_online(config)                       # `check --online`
 
