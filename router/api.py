@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from router import v2
+from router.config import Config
 from router.limits import Admission, RequestLimiter
 from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
 from router.orders import OrderDesk, reseller_status
@@ -179,6 +180,27 @@ def order_view(order: Order, currency: str) -> dict[str, str]:
     return view
 
 
+def services_body(config: Config) -> bytes:
+    """The `services` answer, built once per config: it is the same for every reseller."""
+    return json.dumps(
+        [
+            {
+                "service": s.id,
+                "name": s.name,
+                "type": s.type,
+                "category": s.category,
+                "rate": v2.format_money(s.rate),
+                "min": str(s.min),
+                "max": str(s.max),
+                "refill": s.refill,
+                "cancel": s.cancel,
+                "dripfeed": s.dripfeed,
+            }
+            for s in config.services.values()
+        ]
+    ).encode()
+
+
 Handler = Callable[["V2Api", Reseller, Mapping[str, str]], Awaitable[Any]]
 
 
@@ -190,23 +212,13 @@ class V2Api:
         self.metrics = metrics
         self.limiter = RequestLimiter(desk.config.limits)
         self.currency = desk.config.currency
-        self.services_body = json.dumps(
-            [
-                {
-                    "service": s.id,
-                    "name": s.name,
-                    "type": s.type,
-                    "category": s.category,
-                    "rate": v2.format_money(s.rate),
-                    "min": str(s.min),
-                    "max": str(s.max),
-                    "refill": s.refill,
-                    "cancel": s.cancel,
-                    "dripfeed": s.dripfeed,
-                }
-                for s in desk.config.services.values()
-            ]
-        ).encode()
+        self.services_body = services_body(desk.config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Answer with `config` from now on (a config reload): its services and its request
+        limits. The currency never changes on a reload (router.reload.refusals)."""
+        self.limiter.set_limits(config.limits)
+        self.services_body = services_body(config)
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()

@@ -4,16 +4,21 @@ Usage::
 
     app = create_app(config)                       # the reseller API (+ /healthz)
     runner = ApiRunner(app)                        # its listener: malformed HTTP answered in JSON
-    await serve(config)                            # API and /metrics listeners until cancelled
+    await reload_config(app, path)                 # a hot reload: re-read, check, apply
+    await serve(config, config_path=path)          # API and /metrics listeners until cancelled;
+                                                   # SIGHUP reloads, `<database>.pid` names it
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import aiohttp
@@ -21,9 +26,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router import __version__, v2
+from router import __version__, reload, v2
 from router.api import V2Api, json_response
-from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config
+from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, ConfigError
+from router.config import load as load_config
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
@@ -53,11 +59,11 @@ MAX_REQUEST_LINE_BYTES: Final = 16 * 1024
 MAX_HEADER_FIELD_BYTES: Final = 16 * 1024
 API_PATHS: Final = ("/api/v2", "/api/v1", "/api/v2/", "/api/v1/")
 
-CONFIG: Final = web.AppKey("config", Config)
+CONFIG: Final = web.AppKey("config", Config)  # as the app was created; app[LIVE] after a reload
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", Store)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
-CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])
+CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])  # at start; see LIVE
 PROVIDER_STATES: Final = web.AppKey("provider_states", dict[str, ProviderState])
 DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
@@ -65,6 +71,27 @@ ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
 PROVIDER_WATCHER: Final = web.AppKey("provider_watcher", ProviderWatcher)
 # Set before start-up to see every SQL statement the store runs (tests EXPLAIN them all).
 SQL_TRACE: Final[web.AppKey[SqlTrace]] = web.AppKey("sql_trace")
+
+
+@dataclass
+class LiveConfig:
+    """The config the app runs with now, and what is built from it.
+
+    An app's state is frozen once it starts, so a reload (`apply_config`) replaces what this
+    holds, never an app key. Until the first reload it holds what CONFIG and CLIENTS hold.
+    """
+
+    config: Config
+    # The status sync's: `config` plus what it still needs of providers removed with open
+    # orders (router.reload.sync_config), with their clients, and when each was removed.
+    sync_config: Config
+    clients: Mapping[str, UpstreamClient] = field(default_factory=dict)
+    sync_clients: Mapping[str, UpstreamClient] = field(default_factory=dict)
+    retiring: dict[str, float] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
+
+
+LIVE: Final = web.AppKey("live", LiveConfig)
 
 
 class CallLog:
@@ -181,6 +208,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         name: UpstreamClient(provider, session, on_call=on_call)
         for name, provider in config.providers.items()
     }
+    live = app[LIVE]
+    live.clients = live.sync_clients = app[CLIENTS]
     app[PROVIDER_STATES] = {}
     desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], states=app[PROVIDER_STATES])
     app[DESK] = desk
@@ -196,11 +225,12 @@ def _placing_sweep_ctx(
     `placing` when it died: start-up alone would leave those orders Pending until the next one."""
 
     async def sweep(app: web.Application) -> None:
-        config, store = app[CONFIG], app[STORE]
+        live, store = app[LIVE], app[STORE]
         while True:
-            await asyncio.sleep(placing_bound(config))
+            # The sync's config also has the providers removed with orders still being placed.
+            await asyncio.sleep(placing_bound(live.sync_config))
             try:
-                await hold_interrupted(store, config)
+                await hold_interrupted(store, live.sync_config)
             except Exception:
                 log.exception("placing_sweep_failed")
 
@@ -338,6 +368,7 @@ def create_app(
         },
     )
     app[CONFIG] = config
+    app[LIVE] = LiveConfig(config=config, sync_config=config)
     app[METRICS] = Metrics(registry or CollectorRegistry(), providers=config.providers)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
@@ -350,6 +381,147 @@ def create_app(
         app.router.add_route("POST", path, _v2)
     app.router.add_get("/healthz", _healthz)
     return app
+
+
+# --- Hot reload ----------------------------------------------------------------------------------
+
+
+async def apply_config(app: web.Application, new: Config) -> reload.Changes:
+    """Make `new` the config of the started `app`: a hot reload (`reload_config` checks first
+    that nothing in it needs a restart: router.reload.refusals).
+
+    Every holder of config is updated here and nowhere else, after the last await, so that no
+    request and no loop sees half of a change:
+    - app[LIVE]: the config, the clients, the status sync's config and clients;
+    - app[METRICS]: the label sets of new providers;
+    - app[PROVIDER_STATES]: a provider removed, or now another server or account (URL, key or
+      currency changed), starts fresh; the others keep their state;
+    - app[DESK]: new orders, refills and cancels (an order being placed keeps the routes and
+      clients it started with: a removed provider's client stays usable while it is used);
+    - app[API]: the `services` answer and the request limits;
+    - app[ORDER_SYNC]: the providers of `new`, and those removed while they had open orders,
+      with their old settings, until those orders end (`provider_removed_with_open_orders`);
+    - app[PROVIDER_WATCHER]: balances and catalogues of `new`'s providers, read at once.
+    Clients are made for new and changed providers only, on the app's one session.
+    """
+    live, store = app[LIVE], app[STORE]
+    changes = reload.compare(live.config, new)
+    removed_at = time.time()
+    retiring = {**live.retiring, **dict.fromkeys(changes.providers_removed, removed_at)}
+    keep: dict[str, float] = {}
+    for name, since in retiring.items():
+        if name in new.providers:
+            continue  # back in the config
+        work = await store.open_work(name, placing_before=since)
+        if not work.idle:
+            keep[name] = since
+            if name in changes.providers_removed:
+                log.warning(
+                    "provider_removed_with_open_orders",
+                    provider=name,
+                    open_orders=work.orders,
+                    open_refills=work.refills,
+                    orders_being_placed=work.placing,  # anywhere: their plans may go there
+                )
+        elif name in live.retiring:
+            log.info("provider_retired", provider=name)
+    # Nothing below awaits.
+    session, on_call = app[SESSION], app[CALLS].record
+    clients = {
+        name: live.clients[name]
+        if name in live.clients and name not in changes.providers_changed
+        else UpstreamClient(provider, session, on_call=on_call)
+        for name, provider in new.providers.items()
+    }
+    sync_config = reload.sync_config(new, live.sync_config, keep)
+    sync_clients = {**{name: live.sync_clients[name] for name in keep}, **clients}
+    for name in changes.providers_added:
+        app[METRICS].add_provider(name)
+    states = app[PROVIDER_STATES]
+    for name in changes.providers_removed | changes.providers_fresh:
+        states.pop(name, None)
+    app[DESK].reconfigure(new, clients)
+    app[API].reconfigure(new)
+    app[ORDER_SYNC].reconfigure(sync_config, sync_clients, retiring=keep)
+    app[PROVIDER_WATCHER].reconfigure(new, clients, fresh=changes.providers_fresh)
+    live.config, live.clients = new, clients
+    live.sync_config, live.sync_clients, live.retiring = sync_config, sync_clients, keep
+    return changes
+
+
+async def reload_config(app: web.Application, path: Path) -> bool:
+    """Re-read the config file at `path` and apply it; whether it was applied.
+
+    A config that fails `check`, or that changes what needs a restart (router.reload), is
+    refused whole: the running one stays. Either way it is logged (`config_reloaded` with the old
+    and new versions, or `config_reload_refused` with every problem on one line) and counted in
+    `smm_router_config_reloads_total{outcome}`.
+    """
+    live, metrics = app[LIVE], app[METRICS]
+    async with live.lock:
+        old = live.config
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            problems = exc.errors
+        else:
+            problems = reload.refusals(old, new)
+        if problems:
+            metrics.config_reloads.labels(outcome="refused").inc()
+            log.error(
+                "config_reload_refused",
+                path=str(path),
+                config_version=old.version,
+                problems=problems,
+            )
+            return False
+        try:
+            changes = await apply_config(app, new)
+        except Exception:  # it awaits the store before it changes anything
+            metrics.config_reloads.labels(outcome="refused").inc()
+            log.exception("config_reload_failed", path=str(path), config_version=old.version)
+            return False
+        metrics.config_reloads.labels(outcome="applied").inc()
+        log.info(
+            "config_reloaded",
+            path=str(path),
+            old_config_version=old.version,
+            new_config_version=new.version,
+            **changes.summary(),
+        )
+        return True
+
+
+@contextlib.asynccontextmanager
+async def reloads_on_sighup(app: web.Application, path: Path) -> AsyncIterator[None]:
+    """While in it: SIGHUP reloads the config file at `path` (one reload at a time; signals
+    that arrive during one make one more), and `<database>.pid` names this process."""
+    wanted = asyncio.Event()
+
+    async def reloads() -> None:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            try:
+                await reload_config(app, path)
+            except Exception:  # a bug: the next SIGHUP must still be heard
+                log.exception("config_reload_crashed", path=str(path))
+
+    task = asyncio.create_task(reloads(), name="config-reload")
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, wanted.set)
+    pid_file = reload.pid_path(app[LIVE].config.database)
+    other = reload.write_pid_file(pid_file)
+    if other is not None:
+        log.warning("pid_file_replaced", path=str(pid_file), other_pid=other)
+    try:
+        yield
+    finally:
+        reload.remove_pid_file(pid_file)
+        loop.remove_signal_handler(signal.SIGHUP)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_metrics_app(api: web.Application) -> web.Application:
@@ -370,9 +542,12 @@ def create_metrics_app(api: web.Application) -> web.Application:
 async def serve(
     config: Config,
     *,
+    config_path: Path | None = None,
     ready: Callable[[web.Application], Awaitable[None]] | None = None,
 ) -> None:
-    """Run the API and metrics listeners until cancelled; ListenError if one cannot listen."""
+    """Run the API and metrics listeners until cancelled; ListenError if one cannot listen.
+    With `config_path`, the file `config` was read from, SIGHUP reloads it and the PID file
+    names this process (reloads_on_sighup)."""
     with contextlib.ExitStack() as held:
         # Both ports first: one that is taken fails before the database or a loop is touched.
         sockets: dict[str, list[socket.socket]] = {}
@@ -396,10 +571,14 @@ async def serve(
                 "listening",
                 api=f"http://{config.listen.host}:{config.listen.port}/api/v2",
                 metrics=f"http://{config.metrics.host}:{config.metrics.port}/metrics",
+                config_version=config.version,
             )
-            if ready is not None:
-                await ready(api)
-            await asyncio.Event().wait()
+            async with contextlib.AsyncExitStack() as stack:
+                if config_path is not None:
+                    await stack.enter_async_context(reloads_on_sighup(api, config_path))
+                if ready is not None:
+                    await ready(api)
+                await asyncio.Event().wait()
         finally:
             await metrics_runner.cleanup()
             await api_runner.cleanup()

@@ -23,7 +23,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from router import __version__, logs, v2
+from router import __version__, logs, probe, reload, v2
 from router import config as config_module
 from router.api import hash_key
 from router.config import Config, ConfigError, ConfigUnreadable
@@ -122,8 +122,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     logs.configure()
-    run_until_signal(serve(config))
+    run_until_signal(serve(config, config_path=config_path(args)))
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running server to re-read its config, and say whether it applied it."""
+    config = load_config(args)  # a config that fails `check` is refused here: nothing signalled
+    try:
+        result = asyncio.run(reload.request_reload(config))
+    except reload.NoServer as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"pid": result.pid, "outcome": result.outcome}))
+    elif result.outcome == "applied":
+        print(f"reloaded: the server (pid {result.pid}) applied the config")
+    elif result.outcome == "refused":
+        print(
+            f"smm-router: the server (pid {result.pid}) refused the config and keeps the one "
+            "it runs: its log line `config_reload_refused` lists why",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"signalled the server (pid {result.pid}), but {result.why_unknown}: its log line "
+            "`config_reloaded` or `config_reload_refused` tells the outcome"
+        )
+    return 1 if result.outcome == "refused" else 0
 
 
 def run_until_signal(work: Awaitable[None]) -> None:
@@ -224,6 +249,25 @@ def _check_online(config: Config, *, as_json: bool, problems: Sequence[Problem] 
     return 1 if problems else 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """`probe URL --key KEY`: one line per deviation from V2.md; exit 1 if any."""
+    try:
+        report = asyncio.run(probe.probe(args.url, args.key, call_seconds=args.timeout))
+    except ValueError as exc:  # not an http(s) URL
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(report.document()))
+    else:
+        for line in report.lines():
+            print(line)
+        if report.ok:
+            seen = "; ".join(f"{check.name}: {check.detail}" for check in report.checks)
+            print(f"ok: {report.url} answers as V2.md says ({seen})")
+        else:
+            print(f"{len(report.lines())} deviations from V2.md at {report.url}")
+    return 0 if report.ok else 1
+
+
 # --- providers -----------------------------------------------------------------------------------
 
 
@@ -244,6 +288,16 @@ def _days(text: str) -> float:
     if not 0 < days < 100_000:
         raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
     return days
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 3600:
+        raise argparse.ArgumentTypeError(f"not a number of seconds below 3600: {text!r}")
+    return seconds
 
 
 def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
@@ -740,10 +794,33 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "serve", cmd_serve, "run the API, the metrics listener and the loops")
+    command(
+        commands,
+        "reload",
+        cmd_reload,
+        "make the running server re-read its config (SIGHUP through <database>.pid)",
+    )
     check = command(commands, "check", cmd_check, "validate the config; print every problem")
     check.add_argument(
         "--online", action="store_true", help="then call every provider and check each route"
     )
+    checker = commands.add_parser(
+        "probe",
+        help="check that a v2 server answers as V2.md says (read-only and refused calls)",
+        description="Check that a v2 server (an upstream about to be added) answers services, "
+        "balance, an unknown order's status and a refused add as V2.md says. It only reads, "
+        "or asks for what every panel refuses. Exit 1 on any deviation.",
+    )
+    checker.add_argument("url", metavar="URL", help="the server's v2 endpoint")
+    checker.add_argument("--key", required=True, help="the API key of our account there")
+    checker.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=config_module.DEFAULT_UPSTREAM_TIMEOUT,
+        help="seconds for each call (default: %(default)g)",
+    )
+    checker.add_argument("--json", action="store_true", help="print one JSON document")
+    checker.set_defaults(handler=cmd_probe)
     providers = command(
         commands, "providers", cmd_providers, "per provider: orders, money, health, state, balance"
     )

@@ -80,12 +80,17 @@ class RequestLimiter:
     """Every key's limits, on one clock (`time.monotonic` unless given: tests pass their own)."""
 
     def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limits = limits
         self._clock = clock
-        self._per_minute = (limits.add, limits.status, limits.other)
-        self._interval = tuple(WINDOW_SECONDS / limit for limit in self._per_minute)
+        self.set_limits(limits)
         self._keys: dict[str, _KeyState] = {}
         self._swept_at = clock()
+
+    def set_limits(self, limits: Limits) -> None:
+        """Count against `limits` from now on (a config reload): each key keeps its buckets and
+        its requests in flight, so a reload grants no key a fresh quota."""
+        self.limits = limits
+        self._per_minute = (limits.add, limits.status, limits.other)
+        self._interval = tuple(WINDOW_SECONDS / limit for limit in self._per_minute)
 
     def __len__(self) -> int:
         """Keys with state (active in the last window or in flight)."""

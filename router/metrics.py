@@ -31,6 +31,7 @@ UPSTREAM_ACTIONS: Final = ACTIONS
 OUTCOMES: Final = ("accepted", "refused", "no_funds", "unreachable", "ambiguous")
 PROVIDER_STATES: Final = ("ok", "benched")
 CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
+RELOAD_OUTCOMES: Final = ("applied", "refused")
 
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -145,13 +146,25 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.config_reloads = Counter(
+            "smm_router_config_reloads",
+            "Config reloads (SIGHUP, `smm-router reload`): applied, or refused whole.",
+            ["outcome"],
+            registry=registry,
+        )
         for action in ACTIONS:
             self.request_duration.labels(action=action)
             self.rate_limited.labels(action=action)
+        for outcome in RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome=outcome)
         for provider in providers:
-            for action in UPSTREAM_ACTIONS:
-                self.upstream_duration.labels(provider=provider, action=action)
-            for outcome in OUTCOMES:
-                self.upstream_requests.labels(provider=provider, action="add", outcome=outcome)
-            self.status_unreadable.labels(provider=provider)
-            self.sync_duration.labels(provider=provider)
+            self.add_provider(provider)
+
+    def add_provider(self, provider: str) -> None:
+        """Create the label sets of a provider (at start-up, and for one a reload adds)."""
+        for action in UPSTREAM_ACTIONS:
+            self.upstream_duration.labels(provider=provider, action=action)
+        for outcome in OUTCOMES:
+            self.upstream_requests.labels(provider=provider, action="add", outcome=outcome)
+        self.status_unreadable.labels(provider=provider)
+        self.sync_duration.labels(provider=provider)

@@ -200,6 +200,15 @@ class OrderDesk:
         # a second request for one of them waits for that answer instead of asking again.
         self._refilling: dict[int, asyncio.Future[int | str]] = {}
 
+    def reconfigure(self, config: Config, clients: Mapping[str, UpstreamClient]) -> None:
+        """Route and forward with `config` and `clients` from now on (a config reload). A
+        request already past its routing keeps the clients it started with: an order being
+        placed finishes on its plan, even on a provider the reload removed."""
+        self.config = config
+        self.clients = clients
+        for name in clients:
+            self._forwarding.setdefault(name, asyncio.Semaphore(FORWARD_CALLS_IN_FLIGHT))
+
     def service(self, raw: str | None) -> Service:
         service_id = v2.parse_id(raw)
         service = self.config.services.get(service_id) if service_id else None
@@ -221,6 +230,7 @@ class OrderDesk:
         try:
             request = validate_add(self.service(params.get("service")), params)
             routes = routing.plan(request.service, self.states, now=self.clock())
+            clients = self.clients  # with `routes`, this order's plan: a reload changes neither
             if not routes:
                 raise v2.V2Error(v2.UNAVAILABLE)
         except v2.V2Error:
@@ -261,7 +271,7 @@ class OrderDesk:
 
         async def place() -> int:
             try:
-                return await self._place(order_id, request, routes)
+                return await self._place(order_id, request, routes, clients=clients)
             finally:
                 bound.update(structlog.contextvars.get_contextvars())
 
@@ -286,9 +296,12 @@ class OrderDesk:
         request: AddRequest,
         routes: Sequence[tuple[int, Route]],
         *,
+        clients: Mapping[str, UpstreamClient] | None = None,
         rerouted_by: str | None = None,
     ) -> int:
         """Try `routes` in turn (the first one is already recorded on the order) and settle.
+
+        `clients` are those of the config that planned `routes` (default: the desk's).
 
         A held order re-routed by the operator (`rerouted_by`) is known to its reseller: when
         every route refuses it, it is canceled and refunded (not `failed`, which the reseller
@@ -299,13 +312,14 @@ class OrderDesk:
             return None if rerouted_by is None else f"reroute by {rerouted_by}: {text}"
 
         service = request.service
+        clients = self.clients if clients is None else clients
         attempts: list[Attempt] = []
         for position, (rank, route) in enumerate(routes):
             if position:
                 await self.store.note_route(order_id, route.provider, route.service)
             structlog.contextvars.bind_contextvars(provider=route.provider)
             started = time.time()
-            result = await self.clients[route.provider].add(
+            result = await clients[route.provider].add(
                 {"service": str(route.service), **request.upstream_params}
             )
             attempts.append(
@@ -616,7 +630,10 @@ class OrderDesk:
         nothing is sent; the others go upstream in multi-order calls (see `_forward`). The
         upstream's reason for refusing one passes through as it wrote it.
         """
-        errors, todo = await self._forwardable(reseller, order_ids, "refill", v2.REFILL_DISABLED)
+        clients = self.clients  # those this request checks and calls, whatever a reload does
+        errors, todo = await self._forwardable(
+            reseller, order_ids, "refill", v2.REFILL_DISABLED, clients
+        )
         results: dict[int, int | str] = dict(errors)
         # Claimed before the open refills are read, released once the new ones are stored: a
         # request that finds an order unclaimed reads after any earlier refill of it was stored.
@@ -629,7 +646,7 @@ class OrderDesk:
             results.update(await self.store.open_refills_of([order.id for order in mine]))
 
             async def send(provider: str, batch: list[Order]) -> None:
-                results.update(await self._refill_batch(provider, batch))
+                results.update(await self._refill_batch(clients[provider], batch))
 
             await self._forward([order for order in mine if order.id not in results], send)
         finally:
@@ -642,12 +659,15 @@ class OrderDesk:
             results[order_id] = await asyncio.shield(claim)
         return results
 
-    async def _refill_batch(self, provider: str, batch: list[Order]) -> dict[int, int | str]:
+    async def _refill_batch(
+        self, client: UpstreamClient, batch: list[Order]
+    ) -> dict[int, int | str]:
         """One multi-order `refill` call; the refills it made are stored at once."""
+        provider = client.name
         upstream_ids = [order.upstream_order for order in batch if order.upstream_order]
         answers: Mapping[int, int | UpstreamError]
         try:
-            answers = await self.clients[provider].refill_many(upstream_ids)
+            answers = await client.refill_many(upstream_ids)
         except UpstreamError as exc:
             if not isinstance(exc, UpstreamRefused):
                 log.warning(
@@ -688,13 +708,16 @@ class OrderDesk:
 
     async def cancel(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, str | None]:
         """Forward a cancel for each order: None when requested, else the error text."""
-        errors, todo = await self._forwardable(reseller, order_ids, "cancel", v2.CANCEL_DISABLED)
+        clients = self.clients  # those this request checks and calls, whatever a reload does
+        errors, todo = await self._forwardable(
+            reseller, order_ids, "cancel", v2.CANCEL_DISABLED, clients
+        )
         results: dict[int, str | None] = dict(errors)
 
         async def one_provider(provider: str, group: list[Order]) -> None:
             upstream_ids = [order.upstream_order for order in group if order.upstream_order]
             try:
-                answers = await self.clients[provider].cancel(upstream_ids)
+                answers = await clients[provider].cancel(upstream_ids)
             except UpstreamError as exc:
                 log.warning("cancel_failed", provider=provider, error=exc.message)
                 answers = {upstream_id: v2.UNAVAILABLE for upstream_id in upstream_ids}
@@ -726,7 +749,12 @@ class OrderDesk:
         )
 
     async def _forwardable(
-        self, reseller: Reseller, order_ids: Sequence[int], feature: str, disabled: str
+        self,
+        reseller: Reseller,
+        order_ids: Sequence[int],
+        feature: str,
+        disabled: str,
+        clients: Mapping[str, UpstreamClient],
     ) -> tuple[dict[int, str], list[Order]]:
         """Split a refill or cancel request: (error text per order it cannot reach, orders to
         forward to their provider). Each ID once, in the order sent."""
@@ -742,7 +770,7 @@ class OrderDesk:
             elif (
                 order.state != "placed"
                 or order.upstream_order is None
-                or order.provider not in self.clients  # a provider removed from the config
+                or order.provider not in clients  # a provider removed from the config
             ):
                 errors[order_id] = v2.UNAVAILABLE
             else:

@@ -308,6 +308,21 @@ class OpenRefill:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenWork:
+    """What may still need a provider's client (a provider removed by a config reload is
+    synced until none is left: router.sync.orders)."""
+
+    orders: int  # its orders not ended: placed and still active, being placed, or held
+    refills: int  # its refills whose outcome is still open
+    placing: int  # orders of any provider being placed since before the time asked: the
+    # plans they started with may still go on to it
+
+    @property
+    def idle(self) -> bool:
+        return not (self.orders or self.refills or self.placing)
+
+
+@dataclass(frozen=True, slots=True)
 class OrderSyncState:
     """The status loop's bookkeeping of one order."""
 
@@ -1260,6 +1275,31 @@ class Store:
             (provider, after, limit),
         )
         return [OpenRefill(*row) for row in rows]
+
+    async def open_work(self, provider: str, *, placing_before: float) -> OpenWork:
+        """What `provider` still has open, and the orders being placed since before
+        `placing_before` (unix time), anywhere. Each count reads one partial index."""
+        active = await self._reader.execute_fetchall(
+            f"SELECT count(*) FROM orders INDEXED BY orders_due WHERE provider = ? "
+            f"AND {_ACTIVE_ORDER}",
+            (provider,),
+        )
+        unsettled = await self._reader.execute_fetchall(
+            "SELECT (SELECT count(*) FROM orders INDEXED BY orders_held "
+            "WHERE state = 'held' AND provider = ?1) + coalesce(sum(provider = ?1), 0), "
+            "coalesce(sum(created_at < ?2), 0) "
+            "FROM orders INDEXED BY orders_placing WHERE state = 'placing'",
+            (provider, placing_before),
+        )
+        refills = await self._reader.execute_fetchall(
+            f"SELECT count(*) FROM refills INDEXED BY refills_open WHERE provider = ? "
+            f"AND {_OPEN_REFILL}",
+            (provider,),
+        )
+        (active_orders,), (unsettled_orders, placing), (open_refills,) = (
+            next(iter(rows)) for rows in (active, unsettled, refills)
+        )
+        return OpenWork(active_orders + unsettled_orders, open_refills, placing)
 
     async def record_refill_statuses(self, changes: Sequence[tuple[OpenRefill, str]]) -> None:
         """New refill words, each applied only from the word read before asking."""

@@ -657,6 +657,13 @@ class UpstreamClient:
         """`services`, with the IDs of the entries that could not be read."""
         return await self._call("services", {}, parse_catalogue)
 
+    async def answer(self, action: str, fields: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """One call's answer as it came: (HTTP status, content type, body with the key
+        redacted), for checks of what a server sends (router.probe); raise UpstreamUnreachable
+        or OutcomeUnknown when no complete answer came back. It classifies nothing, so it is
+        not reported to `on_call`."""
+        return await self._exchange(action, fields)
+
     async def _call(
         self,
         action: str,

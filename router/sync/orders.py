@@ -5,6 +5,7 @@ Usage::
     sync = OrderSync(config, store, clients, metrics)
     await sync.run_once()        # one pass over every provider (tests, tools)
     sync.start()                 # one background loop per provider (the app's cleanup context)
+    sync.reconfigure(config, clients, retiring={"gone": removed_at})   # a config reload
     await sync.stop()
 
 Each provider has its own loop, so a slow or dead provider delays only its own orders. A pass
@@ -12,6 +13,10 @@ reads the provider's due orders a page of 100 at a time (one multi-status call p
 at most `sync.calls_in_flight` calls in flight per provider, and applies each answer in one
 transaction. Orders younger than `sync.old_order_age` are due again `sync.status_interval`
 after a check, older ones `sync.old_order_interval` after.
+
+A provider that a config reload removed while it still had open orders keeps its loop, its
+client and its settings (`retiring`) until it has none left (Store.open_work), so that those
+orders still end, and are refunded, as they would have.
 """
 
 from __future__ import annotations
@@ -91,34 +96,90 @@ class OrderSync:
         self.clients = clients
         self.metrics = metrics
         self.clock = clock
+        # Providers removed from the config while they had open orders -> when (unix time).
+        self.retiring: Mapping[str, float] = {}
         limit = config.sync.calls_in_flight
         self._in_flight = {name: asyncio.Semaphore(limit) for name in clients}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ended: list[asyncio.Task[None]] = []  # loops of providers gone, cancelled
+        self._running = False
+        self._woken = asyncio.Event()  # set (and replaced) to end every loop's pause at once
 
     # --- the loops ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """One loop per provider, until `stop`."""
-        self._tasks = [
-            asyncio.create_task(self.run(name), name=f"status-sync-{name}") for name in self.clients
-        ]
+        self._running = True
+        for name in self.clients:
+            self._start(name)
+
+    def _start(self, name: str) -> None:
+        self._tasks[name] = asyncio.create_task(self.run(name), name=f"status-sync-{name}")
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        self._running = False
+        tasks = [*self._tasks.values(), *self._ended]
+        self._tasks, self._ended = {}, []
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def reconfigure(
+        self,
+        config: Config,
+        clients: Mapping[str, UpstreamClient],
+        *,
+        retiring: Mapping[str, float] | None = None,
+    ) -> None:
+        """Sync with `config` and `clients` from now on (a config reload).
+
+        `clients` holds a client for every provider of `config` and for each of `retiring`
+        (name -> when it was removed, unix time), whose settings `config` keeps too. A loop
+        starts for each new provider and ends for each one gone; every loop ends its pause now,
+        so that new intervals apply at once.
+        """
+        if config.sync.calls_in_flight != self.config.sync.calls_in_flight:
+            self._in_flight = {}
+        self.config, self.clients, self.retiring = config, clients, dict(retiring or {})
+        for name in clients:
+            self._in_flight.setdefault(name, asyncio.Semaphore(config.sync.calls_in_flight))
+        if self._running:
+            self._ended = [task for task in self._ended if not task.done()]
+            for name in [name for name in self._tasks if name not in clients]:
+                task = self._tasks.pop(name)
+                task.cancel()
+                self._ended.append(task)
+            for name in clients:
+                if name not in self._tasks:
+                    self._start(name)
+        self._woken.set()
+        self._woken = asyncio.Event()
+
     async def run(self, provider: str) -> None:
-        """Sync `provider`, pause `status_interval`, again; an error is logged, never fatal."""
+        """Sync `provider`, pause `status_interval`, again; an error is logged, never fatal.
+        A retiring provider's loop ends once it has nothing open left."""
         while True:
             try:
                 await self.sync_provider(provider)
+                if provider in self.retiring and await self._retire(provider):
+                    return
             except Exception:
                 log.exception("status_sync_failed", provider=provider)
-            await asyncio.sleep(self.config.sync.status_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.config.sync.status_interval)
+
+    async def _retire(self, provider: str) -> bool:
+        """Drop a removed provider's client once nothing may need it; whether it was dropped."""
+        work = await self.store.open_work(provider, placing_before=self.retiring[provider])
+        if not work.idle or provider not in self.retiring:  # re-added while we looked
+            return False
+        self.clients = {name: c for name, c in self.clients.items() if name != provider}
+        self.retiring = {name: at for name, at in self.retiring.items() if name != provider}
+        self._tasks.pop(provider, None)
+        log.info("provider_retired", provider=provider)
+        return True
 
     async def run_once(self, *, now: float | None = None) -> None:
         """One pass over every provider at once; `now` (default: the clock) decides what is due."""

@@ -5,6 +5,7 @@ Usage::
     watcher = ProviderWatcher(config, store, clients, states, metrics)
     await watcher.restore()            # at start-up: stored catalogues and benches
     await watcher.balances_once()      # one pass; `run_balances()` loops (same for catalogues)
+    watcher.reconfigure(config, clients, fresh={"beta"})               # a config reload
     rows = await provider_report(config, store, since=..., until=...)   # `smm-router providers`
     problems, probes = await check_online(config)                       # `check --online`
 
@@ -28,9 +29,10 @@ cost it at the catalogue rate of its route (Store.provider_margin).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence, Set
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from functools import partial
@@ -147,14 +149,62 @@ class ProviderWatcher:
         self._sizes: dict[str, int] = {}  # services in each provider's last accepted catalogue
         self._held_back: dict[str, frozenset[int]] = {}  # a shrunken catalogue awaiting its repeat
         self._currencies: dict[str, str] = {}  # the currency label of each balance gauge
+        self._woken = asyncio.Event()  # set (and replaced) to end the loops' pauses at once
         for name in config.providers:
-            for state in ("ok", "benched"):
-                gauge = metrics.provider_state.labels(provider=name, state=state)
-                gauge.set_function(partial(self._in_state, name, state == "benched"))
-            missing = partial(self._missing, name)
-            metrics.routes_missing.labels(provider=name).set_function(missing)
-            for outcome in CATALOGUE_OUTCOMES:
-                metrics.catalogue_fetches.labels(provider=name, outcome=outcome)
+            self._export_provider(name)
+
+    def _export_provider(self, name: str) -> None:
+        """The label sets and gauges of one provider (at start-up, or added by a reload)."""
+        metrics = self.metrics
+        for state in ("ok", "benched"):
+            gauge = metrics.provider_state.labels(provider=name, state=state)
+            gauge.set_function(partial(self._in_state, name, state == "benched"))
+        missing = partial(self._missing, name)
+        metrics.routes_missing.labels(provider=name).set_function(missing)
+        for outcome in CATALOGUE_OUTCOMES:
+            metrics.catalogue_fetches.labels(provider=name, outcome=outcome)
+
+    def _unexport_provider(self, name: str) -> None:
+        """Drop the gauges of a provider a reload removed: a state or a balance it no longer
+        has would read as current. Its counters stay (they only ever grow)."""
+        for state in ("ok", "benched"):
+            with contextlib.suppress(KeyError):
+                self.metrics.provider_state.remove(name, state)
+        with contextlib.suppress(KeyError):
+            self.metrics.routes_missing.remove(name)
+        if (currency := self._currencies.pop(name, None)) is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.provider_balance.remove(name, currency)
+
+    def reconfigure(
+        self, config: Config, clients: Mapping[str, UpstreamClient], *, fresh: Set[str]
+    ) -> None:
+        """Watch the providers of `config` through `clients` from now on (a config reload).
+
+        `fresh`: providers added, or whose URL, key or currency changed: what was learnt of
+        their catalogue size no longer holds (their routing state is dropped by the caller).
+        The loops end their pause now: new and changed providers are read at once, and new
+        intervals apply.
+        """
+        old = self.config
+        self.config, self.clients = config, clients
+        self._routed = routed_services(config)
+        for name in fresh:
+            self._sizes.pop(name, None)
+            self._held_back.pop(name, None)
+        for name in old.providers:
+            if name not in config.providers:
+                self._unexport_provider(name)
+        for name in config.providers:
+            if name not in old.providers:
+                self._export_provider(name)
+        self._woken.set()
+        self._woken = asyncio.Event()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or until a reload ends the pause."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._woken.wait(), seconds)
 
     def _state(self, name: str) -> ProviderState:
         return self.states.get(name, HEALTHY)
@@ -196,11 +246,14 @@ class ProviderWatcher:
 
     async def _balance(self, name: str) -> None:
         sent_clock, sent_wall = self.clock(), self.wall()
+        client = self.clients[name]
         try:
-            amount, currency = await self.clients[name].balance()
+            amount, currency = await client.balance()
         except UpstreamError as exc:
             log.warning("provider_balance_failed", provider=name, error=exc.message)
             return
+        if self.clients.get(name) is not client:
+            return  # a reload removed or changed it meanwhile: this was the old account's
         try:
             read = BalanceRead(name, v2.to_minor(amount), currency, sent_wall)
             await self.store.record_balance(read)
@@ -233,7 +286,7 @@ class ProviderWatcher:
                     pruned_at = self.clock()
             except Exception:
                 log.exception("balance_pass_failed")
-            await asyncio.sleep(self.config.sync.balance_interval)
+            await self._pause(self.config.sync.balance_interval)
 
     # --- catalogues -------------------------------------------------------------------------------
 
@@ -243,13 +296,16 @@ class ProviderWatcher:
 
     async def _catalogue(self, name: str) -> None:
         fetched_at = self.wall()
+        client = self.clients[name]
         try:
-            catalogue = await self.clients[name].catalogue()
+            catalogue = await client.catalogue()
         except UpstreamError as exc:
             outcome = "refused" if exc.outcome is Outcome.NO_FUNDS else str(exc.outcome)
             self.metrics.catalogue_fetches.labels(provider=name, outcome=outcome).inc()
             log.warning("catalogue_unusable", provider=name, outcome=outcome, error=exc.message)
             return
+        if self.clients.get(name) is not client:
+            return  # a reload removed or changed it meanwhile: this was the old server's
         listed: dict[int, UpstreamService] = {}
         for entry in catalogue.services:
             listed.setdefault(entry.service, entry)
@@ -289,7 +345,7 @@ class ProviderWatcher:
                 await self.catalogues_once()
             except Exception:
                 log.exception("catalogue_pass_failed")
-            await asyncio.sleep(self.config.sync.catalogue_interval)
+            await self._pause(self.config.sync.catalogue_interval)
 
 
 def _listing(provider: str, service: int, entry: UpstreamService | None) -> RouteListing:
