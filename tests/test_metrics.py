@@ -27,11 +27,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import config as config_module
 from router import v2
-from router.app import ORDER_SYNC, create_app, create_metrics_app
+from router.app import ORDER_SYNC, SQL_TRACE, create_app, create_metrics_app
 from router.metrics import HELD_AGE_BUCKETS, Metrics, StoredMetrics, held_by_age, sync_lag
 from router.sim import Fault, SimProvider
 from router.store import HeldAges, NewOrder, Store
-from tests.conftest import SIM_KEY, Router, SimFactory, free_port, wait_for
+from tests.conftest import (
+    SIM_KEY,
+    Router,
+    SimFactory,
+    build_config,
+    free_port,
+    service,
+    wait_for,
+)
+from tests.test_at_scale import scans
 
 AppClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -542,3 +551,29 @@ async def test_the_stored_families_are_empty_until_the_first_reading() -> None:
     }
     assert all(not family.samples for family in families)
     assert "in USD" in families[0].documentation
+
+
+async def test_a_scrape_reads_by_index_only(aiohttp_client: AppClient, tmp_path: Path) -> None:
+    """Every statement of a scrape, EXPLAINed: the stored metrics' reads are SEARCHes of the
+    due and held indexes and the small totals table, never a SCAN of a growing table (the
+    million-order test in test_at_scale.py times it)."""
+    url = f"http://127.0.0.1:{free_port()}/api/v2"
+    config = build_config(
+        tmp_path / "router.db",
+        {"alpha": url, "beta": url},
+        [service(1, [("alpha", 101), ("beta", 101)])],
+    )
+    app = create_app(config, background=False, registry=CollectorRegistry())
+    statements: list[str] = []
+    app[SQL_TRACE] = statements.append
+    await aiohttp_client(app)
+    statements.clear()
+    async with TestClient(TestServer(create_metrics_app(app))) as metrics:
+        started = time.perf_counter()
+        assert (await metrics.get("/metrics")).status == 200
+        print(f"\n/metrics on an empty database: {(time.perf_counter() - started) * 1000:.1f} ms")
+    read = " ".join(statements)
+    for index in ("FROM provider_totals", "INDEXED BY orders_due", "INDEXED BY orders_held"):
+        assert index in read
+    assert scans(config.database, statements) == {}
+    assert sum("orders_due" in statement for statement in statements) == 2  # one per provider
