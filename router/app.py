@@ -369,7 +369,9 @@ def create_app(
     )
     app[CONFIG] = config
     app[LIVE] = LiveConfig(config=config, sync_config=config)
-    app[METRICS] = Metrics(registry or CollectorRegistry(), providers=config.providers)
+    app[METRICS] = Metrics(
+        registry or CollectorRegistry(), providers=config.providers, currency=config.currency
+    )
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
@@ -530,6 +532,7 @@ def create_metrics_app(api: web.Application) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         registry = api[METRICS]
         registry.orders_held.set(await api[STORE].count_held())
+        await registry.stored.read(api[STORE])  # money, held ages, sync lag: from the database
         return web.Response(
             body=generate_latest(registry.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -243,6 +243,15 @@ class HeldOrder:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldAges:
+    """Held orders by age, for /metrics (Store.held_ages)."""
+
+    count: int
+    at_least: tuple[int, ...]  # how many are at least each of the asked ages old
+    oldest_created_at: float | None  # unix time of the oldest one's `add`; None: none held
+
+
+@dataclass(frozen=True, slots=True)
 class OrderEvent:
     at: float
     kind: str
@@ -881,6 +890,23 @@ class Store:
         )
         return int(rows[0][0])  # type: ignore[index]
 
+    async def held_ages(self, ages: Sequence[float], *, now: float) -> HeldAges:
+        """Held orders by age at `now` (unix time): how many are at least each of `ages`
+        (seconds) old, and when the oldest came in. The age of a held order runs from its
+        reseller's `add` (created_at), as `smm-router orders held` shows it: the reseller has
+        seen Pending, and its funds have been reserved, since then.
+
+        One statement through orders_held: held orders are few, each is read once.
+        """
+        older = "".join(", coalesce(sum(created_at <= ?), 0)" for _ in ages)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT count(*), min(created_at){older} FROM orders INDEXED BY orders_held "
+            "WHERE state = 'held'",
+            [now - age for age in ages],
+        )
+        count, oldest, *at_least = rows[0]  # type: ignore[index]
+        return HeldAges(count, tuple(at_least), oldest)
+
     async def orphaned_orders(self, providers: Iterable[str]) -> dict[str, int] | None:
         """Open orders (placing, held, or placed and not final) per provider NOT in
         `providers`: a provider removed from the config leaves them unsynced.
@@ -1160,6 +1186,28 @@ class Store:
             (provider, due_by, last_due, last_id, limit),
         )
         return [ActiveOrder(*row) for row in rows]
+
+    async def oldest_due(self, provider: str) -> float | None:
+        """When the most overdue active order at `provider` fell due (unix time); None when it
+        has no active order. The status loop takes orders in this order (orders_due).
+
+        An order never checked yet (next_check_at 0: due at once) fell due when it was placed:
+        its updated_at, which only the placement wrote. Of those, orders_due holds the lowest
+        ID first, the oldest order, which stands for the earliest placed (a held order placed
+        later by the operator may have been placed before it: until the next pass, the lag is
+        then read a little short). Two steps into orders_due, whatever the number of orders.
+        """
+        rows = await self._reader.execute_fetchall(
+            "SELECT (SELECT next_check_at FROM orders INDEXED BY orders_due "
+            f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at > 0 "
+            "AND upstream_order IS NOT NULL ORDER BY next_check_at LIMIT 1), "
+            "(SELECT updated_at FROM orders INDEXED BY orders_due "
+            f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at = 0 "
+            "AND upstream_order IS NOT NULL ORDER BY id LIMIT 1)",
+            (provider,),
+        )
+        due = [at for at in rows[0] if at is not None]  # type: ignore[index]
+        return min(due, default=None)
 
     async def record_statuses(
         self, records: Sequence[StatusRecord], *, checked_at: float
@@ -1512,6 +1560,14 @@ class Store:
             for row in rows
         ]
 
+    async def provider_totals(self) -> dict[str, ProviderTotals]:
+        """Each provider's money since the first order, from the totals that migration 0010's
+        triggers keep as the ledger and the orders move (one row per provider ever used)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, revenue, refunded, cost, cost_returned FROM provider_totals"
+        )
+        return {row[0]: ProviderTotals(*row) for row in rows}
+
     async def provider_margin(
         self, provider: str, to_base: Decimal, *, since: float = 0.0, until: float = math.inf
     ) -> ProviderMargin:
@@ -1663,6 +1719,22 @@ class ProviderMargin:
     @property
     def margin(self) -> int:
         return self.revenue - self.cost
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderTotals:
+    """A provider's money since its first order, minor units of `currency`; each only grows.
+
+    Over the orders placed at it: `revenue`, their charges; `refunded`, the ledger's refunds of
+    them (revenue - refunded is what resellers paid); `cost`, the rises of their recorded
+    upstream cost, `cost_returned` its falls (cost - cost_returned is the sum of their costs).
+    """
+
+    provider: str
+    revenue: int
+    refunded: int
+    cost: int
+    cost_returned: int
 
 
 @dataclass(frozen=True, slots=True)

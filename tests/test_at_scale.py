@@ -34,6 +34,7 @@ SMALL = {
     "schema_migrations",
     "sqlite_master",
     "counters",
+    "provider_totals",  # one row per provider (migration 0010)
     "provider_catalogues",
     "route_catalogue",
     "provider_balances",  # pruned to a retention period: start-up reads each provider's last

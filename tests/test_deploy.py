@@ -35,13 +35,7 @@ COMING_METRICS = frozenset(
     {
         "smm_router_provider_state",  # exported today with state ok/benched; the breaker adds open
         "smm_router_route_skipped_total",
-        "smm_router_revenue_total",
-        "smm_router_upstream_cost_total",
-        "smm_router_refunded_total",
-        "smm_router_rate_limited_total",
         "smm_router_config_reloads_total",
-        "smm_router_sync_lag_seconds",
-        "smm_router_orders_held_oldest_age_seconds",
     }
 )
 

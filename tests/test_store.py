@@ -297,6 +297,7 @@ RELEASED_MIGRATIONS = {
     "0008_held_counter_and_indexes.sql": (
         "d916751870c20a47f1e86177fa7164672c2239ed0eb2bea6a958f9793450a75a"
     ),
+    "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
 }
 
 
