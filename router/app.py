@@ -23,9 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from router import v2
 from router.api import V2Api, json_response
 from router.config import Config
+from router.fleet import Fleet
 from router.metrics import Metrics
 from router.orders import OrderDesk
-from router.routing import ProviderState
 from router.store import CALL_RETENTION_SECONDS, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
@@ -55,7 +55,7 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", Store)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
 CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])
-PROVIDER_STATES: Final = web.AppKey("provider_states", dict[str, ProviderState])
+FLEET: Final = web.AppKey("fleet", Fleet)
 DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
 ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
@@ -154,8 +154,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         name: UpstreamClient(provider, session, on_call=on_call)
         for name, provider in config.providers.items()
     }
-    app[PROVIDER_STATES] = {}
-    desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], states=app[PROVIDER_STATES])
+    app[FLEET] = Fleet(config, app[STORE], app[METRICS])  # restored by the provider watcher
+    desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], fleet=app[FLEET])
     app[DESK] = desk
     app[API] = V2Api(desk, app[METRICS])
     yield
@@ -194,7 +194,7 @@ def _order_sync_ctx(
     """The status sync; its loops run only with `background` (tests call `run_once`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        sync = OrderSync(app[CONFIG], app[STORE], app[CLIENTS], app[METRICS])
+        sync = OrderSync(app[CONFIG], app[STORE], app[CLIENTS], app[METRICS], fleet=app[FLEET])
         app[ORDER_SYNC] = sync
         if background:
             sync.start()
@@ -207,15 +207,19 @@ def _order_sync_ctx(
 def _provider_watch_ctx(
     background: bool,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Provider balances and catalogues: the stored ones are loaded at start-up; the loops run
-    only with `background` (tests call `balances_once` and `catalogues_once`)."""
+    """Provider balances, probes and catalogues: the fleet is restored from the store at start-up;
+    the loops run only with `background` (tests call `balances_once`, `catalogues_once` and
+    `refresh_once`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        states = app[PROVIDER_STATES]
-        watcher = ProviderWatcher(app[CONFIG], app[STORE], app[CLIENTS], states, app[METRICS])
+        watcher = ProviderWatcher(app[CONFIG], app[STORE], app[CLIENTS], app[FLEET], app[METRICS])
         await watcher.restore()
         app[PROVIDER_WATCHER] = watcher
-        loops = [watcher.run_balances(), watcher.run_catalogues()] if background else []
+        loops = (
+            [watcher.run_balances(), watcher.run_catalogues(), watcher.run_refresh()]
+            if background
+            else []
+        )
         tasks = [asyncio.create_task(loop, name="provider-watch") for loop in loops]
         yield
         for task in tasks:

@@ -15,6 +15,9 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from router.health import STATES
+from router.routing import REASONS
+
 ACTIONS: Final = (
     "services",
     "add",
@@ -27,7 +30,8 @@ ACTIONS: Final = (
 UNKNOWN_ACTION: Final = "unknown"
 UPSTREAM_ACTIONS: Final = ACTIONS
 OUTCOMES: Final = ("accepted", "refused", "no_funds", "unreachable", "ambiguous")
-PROVIDER_STATES: Final = ("ok", "benched")
+PROVIDER_STATES: Final = tuple(str(state) for state in STATES)  # router.health's states
+SKIP_REASONS: Final = tuple(str(reason) for reason in REASONS)  # router.routing's reasons
 CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
 
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -96,7 +100,9 @@ class Metrics:
         )
         self.provider_state = Gauge(
             "smm_router_provider_state",
-            "1 for the state each provider is in: ok, or benched (out of funds, no new orders).",
+            "1 for the state each provider is in: healthy; open (breaker open: no orders); "
+            "half_open (cooldown over: no orders until a balance probe answers); benched (out "
+            "of funds for orders of some cost or more).",
             ["provider", "state"],
             registry=registry,
         )
@@ -104,6 +110,13 @@ class Metrics:
             "smm_router_provider_routes_missing",
             "Routed upstream services gone from the provider's catalogue (routing skips them).",
             ["provider"],
+            registry=registry,
+        )
+        self.route_skipped = Counter(
+            "smm_router_route_skipped",
+            "Routes left out of an order's plan, by service, provider and reason: open, "
+            "benched, margin, missing, spend_cap.",
+            ["service", "provider", "reason"],
             registry=registry,
         )
         self.catalogue_fetches = Counter(

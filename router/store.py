@@ -1284,19 +1284,6 @@ class Store:
             )
         return cursor.rowcount
 
-    async def last_no_funds(self, providers: Iterable[str]) -> dict[str, float]:
-        """When each provider last answered an `add` with `Not enough funds` (unix time)."""
-        found: dict[str, float] = {}
-        for provider in providers:
-            rows = await self._reader.execute_fetchall(
-                "SELECT started_at + latency FROM attempts WHERE provider = ? "
-                "AND outcome = 'no_funds' ORDER BY started_at DESC LIMIT 1",
-                (provider,),
-            )
-            if rows:
-                found[provider] = float(rows[0][0])  # type: ignore[index]
-        return found
-
     async def no_funds_refusals(
         self, provider: str, *, before: float = math.inf, limit: int = 100
     ) -> list[Refusal]:

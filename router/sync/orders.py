@@ -11,7 +11,8 @@ Each provider has its own loop, so a slow or dead provider delays only its own o
 reads the provider's due orders a page of 100 at a time (one multi-status call per page), with
 at most `sync.calls_in_flight` calls in flight per provider, and applies each answer in one
 transaction. Orders younger than `sync.old_order_age` are due again `sync.status_interval`
-after a check, older ones `sync.old_order_interval` after.
+after a check, older ones `sync.old_order_interval` after. Each recorded cost corrects the
+fleet's spend of the day (router.fleet), which counted the order at its planned cost until then.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import structlog
 
 from router import v2
 from router.config import Config
+from router.fleet import Fleet
 from router.metrics import Metrics
 from router.store import ActiveOrder, OpenRefill, StatusChange, StatusRecord, Store
 from router.upstream import StatusReading, UpstreamClient, UpstreamError, UpstreamStatus
@@ -84,12 +86,14 @@ class OrderSync:
         clients: Mapping[str, UpstreamClient],
         metrics: Metrics,
         *,
+        fleet: Fleet | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.clients = clients
         self.metrics = metrics
+        self.fleet = fleet  # told each recorded cost (the day's spend); None: nobody to tell
         self.clock = clock
         limit = config.sync.calls_in_flight
         self._in_flight = {name: asyncio.Semaphore(limit) for name in clients}
@@ -216,6 +220,13 @@ class OrderSync:
             for order in page
         ]
         changes = await self.store.record_statuses(records, checked_at=checked_at)
+        if self.fleet is not None:
+            for order, record in zip(page, records, strict=True):
+                if record.cost is not None:
+                    counted = order.cost if order.cost is not None else order.estimated_cost
+                    self.fleet.correct_spend(
+                        provider, record.cost - (counted or 0), created_at=order.created_at
+                    )
         for record in records:
             if record.status is None:
                 self.metrics.status_unreadable.labels(provider=provider).inc()
