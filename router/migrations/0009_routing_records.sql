@@ -48,7 +48,8 @@ CREATE TABLE breaker_events (
 CREATE INDEX breaker_events_by_provider ON breaker_events (provider, at);
 
 -- The final outcomes the status sync recorded, by when it read them: the quality strategy's
--- query (the last 7 days, grouped by provider and upstream service) reads only this index.
+-- query (the last 7 days, grouped by provider and upstream service) reads only this index
+-- (`state` too: SQLite does not take a column the partial WHERE fixes as covered).
 CREATE INDEX orders_final ON orders (checked_at, provider, upstream_service, status, quantity,
-                                     remains)
+                                     remains, state)
     WHERE state = 'placed' AND status IN ('Completed', 'Partial', 'Canceled');
