@@ -45,7 +45,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import partial
@@ -110,6 +110,7 @@ class Fleet:
     ) -> None:
         self.config = config
         self.store = store
+        self.metrics = metrics
         self.clock = clock
         self.wall = wall
         self.health: dict[str, ProviderHealth] = {
@@ -120,14 +121,43 @@ class Fleet:
         self.spend_day: date | None = None  # the UTC day the spend was last seeded for
         # Set when a breaker opens or closes: the provider's probe loop reschedules at once.
         self._moved = {name: asyncio.Event() for name in config.providers}
-        if metrics is not None:
-            for name in config.providers:
-                for state in health.STATES:
-                    gauge = metrics.provider_state.labels(provider=name, state=str(state))
-                    gauge.set_function(partial(self._in_state, name, state))
+        # Set when `reconfigure` changes the providers: the balance loops follow.
+        self.providers_changed = asyncio.Event()
+        for name in config.providers:
+            self._export(name)
+
+    def _export(self, name: str) -> None:
+        """`smm_router_provider_state` of one provider, read from its health at each scrape."""
+        if self.metrics is None:
+            return
+        for state in health.STATES:
+            gauge = self.metrics.provider_state.labels(provider=name, state=str(state))
+            gauge.set_function(partial(self._in_state, name, state))
 
     def _in_state(self, name: str, state: State) -> float:
         return float(self.state(name) is state)
+
+    def reconfigure(self, config: Config, *, fresh: Set[str] = frozenset()) -> None:
+        """Plan with `config` from now on (a config reload). A provider it adds, or one in
+        `fresh` (another server or account now: URL, key or currency changed), starts healthy
+        with no rates; one it removes is forgotten, with its gauges. Orders already planned
+        finish on their plan. The balance loops follow (`providers_changed`).
+        """
+        old, self.config = self.config, config
+        for name in old.providers:
+            if name not in config.providers or name in fresh:
+                self.health.pop(name, None)
+                self.rates = {key: rate for key, rate in self.rates.items() if key[0] != name}
+            if name not in config.providers and self.metrics is not None:
+                for state in health.STATES:
+                    with contextlib.suppress(KeyError):
+                        self.metrics.provider_state.remove(name, str(state))
+        for name in config.providers:
+            if name not in self.health:
+                self.health[name] = ProviderHealth()
+            if name not in old.providers:
+                self._export(name)
+        self.providers_changed.set()
 
     # --- what routing reads -----------------------------------------------------------------
 

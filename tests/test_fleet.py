@@ -11,15 +11,17 @@ import dataclasses
 import random
 from collections import Counter
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
 from router import v2
-from router.app import DESK, FLEET, ORDER_SYNC, PROVIDER_WATCHER
+from router.app import DESK, FLEET, ORDER_SYNC, PROVIDER_WATCHER, SESSION
 from router.config import Health, Service, Strategy, Sync
 from router.sim import Fault, SimProvider, default_catalogue
 from router.sync.providers import ProviderWatcher
+from router.upstream import UpstreamClient
 from tests.conftest import (
     SIM_KEY,
     Router,
@@ -423,3 +425,50 @@ async def test_a_restarted_router_keeps_its_breakers_and_its_benches_by_amount(
     small = await add(again, key, 1000)
     assert await placed_at(again, small) == "poor"
     assert [a.provider for a in await again.store.attempts(small["order"])] == ["poor"]
+
+
+# --- a config reload -----------------------------------------------------------------------------
+
+
+async def test_a_reconfigured_fleet_forgets_what_no_longer_holds_and_the_loops_follow(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """What a config reload hands the fleet: removed providers are forgotten (with their
+    gauges), changed ones start afresh, added ones are read by a balance loop of their own."""
+    sims = {name: await start_sim() for name in ("kept", "changed", "removed", "added")}
+    urls = {name: sim.url for name, sim in sims.items() if name != "added"}
+    hour = 3600.0
+    router = await start_router(
+        urls,
+        [service(1, [("kept", 101), ("changed", 101), ("removed", 101)])],
+        background=True,
+        sync=Sync(status_interval=hour, balance_interval=hour, catalogue_interval=hour),
+    )
+    fleet = router.app[FLEET]
+    await wait_for(lambda: len(fleet.rates) == 3, "the first catalogues")
+    fleet.health["changed"].breaker.restore(fleet.clock(), router.config.health)
+
+    providers = dict(router.config.providers)
+    del providers["removed"]
+    providers["added"] = dataclasses.replace(providers["kept"], name="added", url=sims["added"].url)
+    new = dataclasses.replace(
+        router.config,
+        providers=MappingProxyType(providers),
+        services=MappingProxyType({1: service(1, [("kept", 101), ("added", 101)])}),
+    )
+    watcher(router).clients = {
+        name: UpstreamClient(provider, router.app[SESSION]) for name, provider in providers.items()
+    }
+    fleet.reconfigure(new, fresh={"changed"})
+
+    assert set(fleet.health) == {"kept", "changed", "added"}
+    assert state_is(router, "changed", "healthy") and state_is(router, "added", "healthy")
+    assert (
+        router.registry.get_sample_value(
+            "smm_router_provider_state", {"provider": "removed", "state": "healthy"}
+        )
+        is None
+    )
+    assert set(fleet.rates) == {("kept", 101)}
+    await wait_for(lambda: sims["added"].received_actions("balance"), "the added one's read")
+    assert len(sims["kept"].received_actions("balance")) == 1  # the others keep their pace

@@ -146,11 +146,27 @@ class ProviderWatcher:
         gauge.set(read.balance / v2.MINOR_PER_UNIT)
 
     async def run_balances(self) -> None:
-        """Each provider's balance loop (reads and probes), and the pruning, until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            for name in self.clients:
-                group.create_task(self._balance_loop(name), name=f"balance-{name}")
-            group.create_task(self._prune(), name="balance-prune")
+        """A balance loop (reads and probes) per provider of `clients`, and the pruning, until
+        cancelled. The loops follow `clients` when the fleet's providers change (a reload)."""
+        loops: dict[str, asyncio.Task[None]] = {}
+        prune = asyncio.create_task(self._prune(), name="balance-prune")
+        changed = self.fleet.providers_changed
+        try:
+            while True:
+                changed.clear()
+                for name in self.clients:
+                    if name not in loops:
+                        loop = self._balance_loop(name)
+                        loops[name] = asyncio.create_task(loop, name=f"balance-{name}")
+                for name in [name for name in loops if name not in self.clients]:
+                    loops.pop(name).cancel()
+                await changed.wait()
+        finally:
+            for task in [*loops.values(), prune]:
+                task.cancel()
+            for task in [*loops.values(), prune]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _balance_loop(self, name: str) -> None:
         """Read `name`'s balance every `sync.balance_interval`, and at its breaker's `probe_at`.
