@@ -14,6 +14,8 @@ Usage::
     health.after_balance_error(exc.outcome, now=clock(), rules=config.health)
     health.after_spend(cost, day=utc_day(time.time()))
     status = health.status(now=clock(), day=utc_day(time.time()))   # what routing reads
+    health.bench = replay_bench(refusals, reads, backoff=...)        # after a restart
+    health.breaker.restore(opened_at, rules=config.health)           # likewise
 
 The breaker, judged on the provider's `add` calls::
 

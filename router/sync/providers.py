@@ -25,6 +25,10 @@ routes at once): it is held back and accepted only when the next fetch lists the
 
 Every REFRESH_INTERVAL the fleet re-reads what the store knows better than memory: the quality
 outcomes, and the spend of a new UTC day.
+
+Until a status answer records an order's real cost, the `providers` report costs it at its
+route's catalogue rate now (Store.provider_margin); the spend cap counts it at the cost it was
+planned at (router.fleet).
 """
 
 from __future__ import annotations
