@@ -29,6 +29,7 @@ from router.config import Config, ConfigError
 from router.fleet import Fleet, ReportRefused, RouteReport, route_report
 from router.metrics import Metrics
 from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_status
+from router.routing import EXPLORE_SHARE
 from router.store import Order, Store, StoreError
 from router.sync.providers import ProviderReport, check_online, provider_report
 from router.upstream import CallRecord, UpstreamClient
@@ -283,7 +284,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 _DRAWN: Final = {
     "weighted": "each order draws its first route by weight; shown: the heaviest first",
-    "quality": "5% of orders try another route first; shown: by score, none exploring",
+    "quality": f"{EXPLORE_SHARE:.0%} of orders try another route first; shown: by score",
 }
 
 
