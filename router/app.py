@@ -30,10 +30,10 @@ from router import __version__, reload, v2
 from router.api import V2Api, json_response
 from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, ConfigError
 from router.config import load as load_config
+from router.fleet import Fleet
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
-from router.routing import ProviderState
 from router.store import CALL_RETENTION_SECONDS, SqlTrace, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
@@ -64,7 +64,7 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", Store)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
 CLIENTS: Final = web.AppKey("clients", Mapping[str, UpstreamClient])  # at start; see LIVE
-PROVIDER_STATES: Final = web.AppKey("provider_states", dict[str, ProviderState])
+FLEET: Final = web.AppKey("fleet", Fleet)
 DESK: Final = web.AppKey("desk", OrderDesk)
 API: Final = web.AppKey("api", V2Api)
 ORDER_SYNC: Final = web.AppKey("order_sync", OrderSync)
@@ -210,8 +210,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     }
     live = app[LIVE]
     live.clients = live.sync_clients = app[CLIENTS]
-    app[PROVIDER_STATES] = {}
-    desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], states=app[PROVIDER_STATES])
+    app[FLEET] = Fleet(config, app[STORE], app[METRICS])  # restored by the provider watcher
+    desk = OrderDesk(config, app[STORE], app[CLIENTS], app[METRICS], fleet=app[FLEET])
     app[DESK] = desk
     app[API] = V2Api(desk, app[METRICS])
     yield
@@ -251,7 +251,7 @@ def _order_sync_ctx(
     """The status sync; its loops run only with `background` (tests call `run_once`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        sync = OrderSync(app[CONFIG], app[STORE], app[CLIENTS], app[METRICS])
+        sync = OrderSync(app[CONFIG], app[STORE], app[CLIENTS], app[METRICS], fleet=app[FLEET])
         app[ORDER_SYNC] = sync
         if background:
             sync.start()
@@ -264,15 +264,19 @@ def _order_sync_ctx(
 def _provider_watch_ctx(
     background: bool,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Provider balances and catalogues: the stored ones are loaded at start-up; the loops run
-    only with `background` (tests call `balances_once` and `catalogues_once`)."""
+    """Provider balances, probes and catalogues: the fleet is restored from the store at start-up;
+    the loops run only with `background` (tests call `balances_once`, `catalogues_once` and
+    `refresh_once`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        states = app[PROVIDER_STATES]
-        watcher = ProviderWatcher(app[CONFIG], app[STORE], app[CLIENTS], states, app[METRICS])
+        watcher = ProviderWatcher(app[CONFIG], app[STORE], app[CLIENTS], app[FLEET], app[METRICS])
         await watcher.restore()
         app[PROVIDER_WATCHER] = watcher
-        loops = [watcher.run_balances(), watcher.run_catalogues()] if background else []
+        loops = (
+            [watcher.run_balances(), watcher.run_catalogues(), watcher.run_refresh()]
+            if background
+            else []
+        )
         tasks = [asyncio.create_task(loop, name="provider-watch") for loop in loops]
         yield
         for task in tasks:
@@ -396,8 +400,8 @@ async def apply_config(app: web.Application, new: Config) -> reload.Changes:
     request and no loop sees half of a change:
     - app[LIVE]: the config, the clients, the status sync's config and clients;
     - app[METRICS]: the label sets of new providers;
-    - app[PROVIDER_STATES]: a provider removed, or now another server or account (URL, key or
-      currency changed), starts fresh; the others keep their state;
+    - app[FLEET]: a provider removed, or now another server or account (URL, key or currency
+      changed), starts fresh (health, rates, gauges); the others keep their state;
     - app[DESK]: new orders, refills and cancels (an order being placed keeps the routes and
       clients it started with: a removed provider's client stays usable while it is used);
     - app[API]: the `services` answer and the request limits;
@@ -439,9 +443,7 @@ async def apply_config(app: web.Application, new: Config) -> reload.Changes:
     sync_clients = {**{name: live.sync_clients[name] for name in keep}, **clients}
     for name in changes.providers_added:
         app[METRICS].add_provider(name)
-    states = app[PROVIDER_STATES]
-    for name in changes.providers_removed | changes.providers_fresh:
-        states.pop(name, None)
+    app[FLEET].reconfigure(new, fresh=changes.providers_fresh)
     app[DESK].reconfigure(new, clients)
     app[API].reconfigure(new)
     app[ORDER_SYNC].reconfigure(sync_config, sync_clients, retiring=keep)

@@ -27,15 +27,15 @@ from router import __version__, logs, probe, reload, v2
 from router import config as config_module
 from router.api import hash_key
 from router.config import Config, ConfigError, ConfigUnreadable
+from router.fleet import Fleet, ReportRefused, RouteReport, route_report
 from router.listeners import ListenError
 from router.metrics import Metrics
 from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_status
-from router.routing import ProviderState
+from router.routing import EXPLORE_SHARE
 from router.store import DatabaseUnavailable, Order, Store, StoreError
 from router.sync.providers import (
     Problem,
     ProviderReport,
-    ProviderWatcher,
     check_online,
     provider_report,
 )
@@ -317,6 +317,8 @@ def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
         "latency_p95": row.latency.p95,
         "state": row.state,
         "benched_until": _when(row.benched_until),
+        "benched_from": None if row.benched_from is None else v2.format_money(row.benched_from),
+        "probe_at": _when(row.probe_at),
         "catalogue_fetched_at": _when(row.catalogue.fetched_at) if row.catalogue else None,
         "routes_gone": list(row.routes_gone),
         "balance": None
@@ -336,8 +338,10 @@ def _provider_cells(row: ProviderReport, now: float) -> dict[str, str]:
 
     rate = row.add_success_rate
     state = row.state
-    if row.benched_until is not None:
-        state = f"benched until {_when(row.benched_until)}"
+    if row.benched_until is not None and row.benched_from is not None:
+        state = f"benched from {v2.format_money(row.benched_from)} until {_when(row.benched_until)}"
+    if row.probe_at is not None:
+        state += f" (probed from {_when(row.probe_at)})"
     if row.routes_gone:
         state += f"; gone: {', '.join(map(str, row.routes_gone))}"
     balance = row.balance
@@ -390,6 +394,87 @@ def cmd_providers(args: argparse.Namespace) -> int:
         print("* includes orders without a status yet, costed at the catalogue rate")
     if any(row.money.uncosted for row in rows):
         print("some orders have no cost yet and no catalogue rate: not in cost or margin")
+    return 0
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+_DRAWN: Final = {
+    "weighted": "each order draws its first route by weight; shown: the heaviest first",
+    "quality": f"{EXPLORE_SHARE:.0%} of orders try another route first; shown: by score",
+}
+
+
+def _exact(amount: int | None) -> str | None:
+    """Money to the minor unit ("0.45000"), as `routes` shows costs and margins."""
+    return None if amount is None else str(v2.from_minor(amount))
+
+
+def routes_json(report: RouteReport) -> dict[str, Any]:
+    """`routes --json`: DESIGN.md's document, the routes in the order they would be tried."""
+    return {
+        "service": report.service.id,
+        "strategy": str(report.plan.strategy),
+        "config_version": report.config_version,
+        "routes": [
+            {
+                "provider": step.route.provider,
+                "service": step.route.service,
+                "state": str(step.state),
+                "upstream_cost": _exact(step.upstream_cost),
+                "margin": _exact(step.margin),
+                "eligible": step.eligible,
+                "reason": None if step.reason is None else str(step.reason),
+            }
+            for step in report.plan.steps
+        ],
+    }
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    config = load_config(args)
+
+    async def report(store: Store) -> RouteReport:
+        return await route_report(config, store, args.service, quantity=args.quantity)
+
+    try:
+        found = asyncio.run(with_store(config, report))
+    except ReportRefused as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(routes_json(found)))
+        return 0
+    service, plan = found.service, found.plan
+    print(
+        f"service {service.id} ({service.name}): {plan.strategy}; {found.quantity} for "
+        f"{v2.format_money(found.charge)} {config.currency}; config {found.config_version or '-'}"
+    )
+    rows = []
+    for position, step in enumerate(plan.steps, start=1):
+        key = (step.route.provider, step.route.service)
+        rows.append(
+            {
+                "try": str(position) if step.eligible else "-",
+                "provider": step.route.provider,
+                "service": str(step.route.service),
+                "state": str(step.state),
+                "cost": _exact(step.upstream_cost) or "unknown",
+                "margin": _exact(step.margin) or "-",
+                "weight": "-" if step.route.weight is None else str(step.route.weight),
+                "score": f"{found.scores[key]:.3f}" if key in found.scores else "-",
+                "reason": "-" if step.reason is None else str(step.reason),
+            }
+        )
+    columns = ["try", "provider", "service", "state", "cost", "margin", "reason"]
+    if plan.strategy == "weighted":
+        columns.insert(-1, "weight")
+    if plan.strategy == "quality":
+        columns.insert(-1, "score")
+    print_table(rows, columns)
+    if found.drawn:
+        print(f"{plan.strategy}: {_DRAWN[str(plan.strategy)]}")
+    if not plan.to_try:
+        print("no route may take it now: an order gets `Service temporarily unavailable`")
     return 0
 
 
@@ -528,6 +613,7 @@ def _order_json(order: Order, reseller: str | None) -> dict[str, Any]:
         "remains": order.remains,
         "created_at": _when(order.created_at),
         "request_id": order.request_id,  # the reseller's own ID for its `add`, or None
+        "config_version": order.config_version,  # of the config that routed it
     }
 
 
@@ -576,9 +662,9 @@ async def order_report(store: Store, order_id: int) -> dict[str, Any]:
 async def operator_desk(config: Config, store: Store) -> AsyncIterator[OrderDesk]:
     """An order desk with the operator's own HTTP session, for resolving held orders.
 
-    It routes as the server does: providers benched for lack of funds and upstream services
-    gone from their catalogue, as stored, are skipped. Its upstream calls are recorded like the
-    server's (they count in provider statistics).
+    It routes as the server does, on the fleet as the store shows it (router.fleet): breakers,
+    funds benches, catalogue costs, spend caps. Its upstream calls are recorded like the
+    server's (they count in provider statistics), and so are its breaker transitions.
     """
     calls: list[CallRecord] = []
     async with aiohttp.ClientSession(headers={"User-Agent": "smm-router"}) as session:
@@ -587,10 +673,10 @@ async def operator_desk(config: Config, store: Store) -> AsyncIterator[OrderDesk
             for name, provider in config.providers.items()
         }
         metrics = Metrics(CollectorRegistry(), providers=config.providers)
-        states: dict[str, ProviderState] = {}
-        await ProviderWatcher(config, store, clients, states, metrics).restore()
+        fleet = Fleet(config, store, metrics)
+        await fleet.restore()
         try:
-            yield OrderDesk(config, store, clients, metrics, states=states)
+            yield OrderDesk(config, store, clients, metrics, fleet=fleet)
         finally:
             await store.record_calls(calls)
 
@@ -652,6 +738,7 @@ def cmd_orders_show(args: argparse.Namespace) -> int:
         ("remains", "-" if o["remains"] is None else o["remains"]),
         ("created", o["created_at"]),
         ("request", o["request_id"] or "-"),
+        ("config", o["config_version"] or "-"),
         *([("held", report["held"]["reason"])] if report["held"] else []),
     ):
         print(f"  {label:<9} {value}")
@@ -828,6 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--since", type=_instant, help="ISO date or time (default: all time)")
     period.add_argument("--days", type=_days, help="the last N days")
     providers.add_argument("--until", type=_instant, help="ISO date or time (default: now)")
+    routes = command(
+        commands, "routes", cmd_routes, "the plan a new order on SERVICE would get now, and why"
+    )
+    routes.add_argument("service", type=int, metavar="SERVICE", help="a local service ID")
+    routes.add_argument(
+        "--quantity", type=int, metavar="N", help="the order's quantity (default: its min)"
+    )
 
     clients = commands.add_parser("clients", help="manage resellers").add_subparsers(
         dest="clients_command", required=True, metavar="ACTION"

@@ -2,7 +2,11 @@
 
 The providers of the config whose URL points at this machine are started as simulators, in
 the order of the file: the first healthy, the second out of funds on upstream service 101, the
-third flaky (refusals, 502 pages and answers slower than the router waits for).
+third flaky (refusals, 502 pages and answers slower than the router waits for). The flaky one's
+draws are seeded (FLAKY_SEED) so that the demo tells the same story each run: with
+config/router.yaml, the first order on service 1 is refused by the flaky provider and fails
+over; by the fifth, three of its answers were failures and its breaker opens (`smm-router
+routes 1` shows it `open`); 30 s later a balance call probes it and it is `healthy` again.
 
 Ports are the config's, or with `--port N`: the API on N, metrics on N+1 and the simulated
 providers on N+2, N+3, ... in the order of the file.
@@ -36,6 +40,9 @@ LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 METRICS_PORT_OFFSET: Final = 1  # with --port N: metrics on N+1,
 FIRST_PROVIDER_PORT_OFFSET: Final = 2  # the simulated providers on N+2, N+3, ...
 MAX_PORT: Final = 65535
+FLAKY_POSITION: Final = 2
+# The flaky provider's first add answers: refuse, 502, accept, slow, slow, ... (see the docstring).
+FLAKY_SEED: Final = 4
 
 
 def local_providers(config: Config) -> list[tuple[str, int, str]]:
@@ -78,7 +85,7 @@ def _faults(position: int, sim: SimProvider, slow_seconds: float) -> str:
     if position == 1:
         sim.set_fault(101, Fault.NO_FUNDS)
         return "out of funds on service 101"
-    if position == 2:
+    if position == FLAKY_POSITION:
         sim.set_fault(None, Fault.FLAKY)
         return f"flaky: refusals, 502 pages, answers after {slow_seconds:g}s"
     return "healthy"
@@ -122,8 +129,9 @@ async def _run(config: Config) -> None:
         for position, (name, port, key) in enumerate(local_providers(config)):
             timeout = config.providers[name].timeout
             slow = timeout + 2
+            seed = FLAKY_SEED if position == FLAKY_POSITION else position
             sim = SimProvider(
-                key=key, progress_seconds=DEMO_PROGRESS_SECONDS, slow_seconds=slow, seed=position
+                key=key, progress_seconds=DEMO_PROGRESS_SECONDS, slow_seconds=slow, seed=seed
             )
             what = _faults(position, sim, slow)
             await sim.start(
@@ -150,6 +158,10 @@ async def _run(config: Config) -> None:
             )
             print("Then ask for its status:")
             print(f"  curl -s {api} -d key={key} -d action=status -d order=1")
+            print(
+                f"Watch routing: place a few more (flaky providers get their breaker opened), "
+                f"then: smm-router routes {first.id}"
+            )
 
         await serve(config, ready=ready)
     finally:

@@ -14,6 +14,8 @@ Usage::
     health.after_balance_error(exc.outcome, now=clock(), rules=config.health)
     health.after_spend(cost, day=utc_day(time.time()))
     status = health.status(now=clock(), day=utc_day(time.time()))   # what routing reads
+    health.bench = replay_bench(refusals, reads, backoff=...)        # after a restart
+    health.breaker.restore(opened_at, rules=config.health)           # likewise
 
 The breaker, judged on the provider's `add` calls::
 
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -211,6 +214,11 @@ class Breaker:
             self._opened_at = None
             self._clear()
 
+    def restore(self, opened_at: float, rules: Health) -> None:
+        """Open as it opened at `opened_at` (a stored transition, after a restart): half_open
+        once its cooldown has passed since then, and probed like any open breaker."""
+        self._open(opened_at, rules)
+
     def _open(self, now: float, rules: Health) -> None:
         self._opened_at = now
         self._probe_at = now + rules.cooldown
@@ -269,6 +277,32 @@ class FundsBench:
         if self.threshold is not None and read_at >= self.benched_at and rose:
             return FundsBench(last_balance=balance)
         return replace(self, last_balance=balance)
+
+
+def replay_bench(
+    refusals: Sequence[tuple[float, int | None]],
+    reads: Sequence[tuple[float, int]],
+    *,
+    backoff: float,
+) -> FundsBench:
+    """The bench that `refusals` and balance `reads` leave, replayed in time order.
+
+    `refusals`: when each `Not enough funds` came back, and the order's cost (None: unknown);
+    `reads`: when each balance read was sent, and the balance. One clock for both; a read sent
+    at the moment a refusal came back is taken after it.
+    """
+    events = sorted(
+        [(at, 0, cost) for at, cost in refusals] + [(at, 1, balance) for at, balance in reads],
+        key=lambda event: (event[0], event[1]),
+    )
+    bench = FundsBench()
+    for at, is_read, value in events:
+        if not is_read:
+            bench = bench.after_no_funds(value, now=at, backoff=backoff)
+        else:
+            assert value is not None
+            bench = bench.after_balance(value, read_at=at)
+    return bench
 
 
 @dataclass(frozen=True, slots=True)

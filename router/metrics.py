@@ -33,6 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from router import __version__, v2
+from router.health import STATES
+from router.routing import REASONS
 from router.store import HeldAges, ProviderTotals, Store
 
 ACTIONS: Final = (
@@ -47,7 +49,8 @@ ACTIONS: Final = (
 UNKNOWN_ACTION: Final = "unknown"
 UPSTREAM_ACTIONS: Final = ACTIONS
 OUTCOMES: Final = ("accepted", "refused", "no_funds", "unreachable", "ambiguous")
-PROVIDER_STATES: Final = ("ok", "benched")
+PROVIDER_STATES: Final = tuple(str(state) for state in STATES)  # router.health's states
+SKIP_REASONS: Final = tuple(str(reason) for reason in REASONS)  # router.routing's reasons
 CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
 RELOAD_OUTCOMES: Final = ("applied", "refused")
 
@@ -140,7 +143,9 @@ class Metrics:
         )
         self.provider_state = Gauge(
             "smm_router_provider_state",
-            "1 for the state each provider is in: ok, or benched (out of funds, no new orders).",
+            "1 for the state each provider is in: healthy; open (breaker open: no orders); "
+            "half_open (cooldown over: no orders until a balance probe answers); benched (out "
+            "of funds for orders of some cost or more).",
             ["provider", "state"],
             registry=registry,
         )
@@ -148,6 +153,13 @@ class Metrics:
             "smm_router_provider_routes_missing",
             "Routed upstream services gone from the provider's catalogue (routing skips them).",
             ["provider"],
+            registry=registry,
+        )
+        self.route_skipped = Counter(
+            "smm_router_route_skipped",
+            "Routes left out of an order's plan, by service, provider and reason: open, "
+            "benched, margin, missing, spend_cap.",
+            ["service", "provider", "reason"],
             registry=registry,
         )
         self.catalogue_fetches = Counter(

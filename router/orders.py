@@ -2,18 +2,26 @@
 
 Usage::
 
-    desk = OrderDesk(config, store, clients, metrics)
+    desk = OrderDesk(config, store, clients, metrics, fleet=fleet)
     order_id = await desk.add(reseller, params)        # raises V2Error
     views = await desk.status(reseller, [1, 2, 3])
+
+Each order is planned before anything is reserved (router.fleet: provider health, catalogue
+costs, margin floors, spend caps, the service's strategy): when no route may take it, the
+reseller is told `Service temporarily unavailable` and nothing is charged. Every route left out
+of a plan is counted with its reason; every `add` outcome goes back to the fleet (the breaker,
+the funds bench with the order's cost there, the day's spend of an accepted one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
@@ -21,8 +29,9 @@ import structlog
 
 from router import routing, v2
 from router.config import Config, Route, Service
+from router.fleet import Fleet
 from router.metrics import Metrics
-from router.routing import ProviderState
+from router.routing import Plan, Reason, Step
 from router.store import (
     Attempt,
     DuplicateRequest,
@@ -186,15 +195,15 @@ class OrderDesk:
         clients: Mapping[str, UpstreamClient],
         metrics: Metrics,
         *,
-        states: MutableMapping[str, ProviderState] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        fleet: Fleet | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.clients = clients
         self.metrics = metrics
-        self.states: MutableMapping[str, ProviderState] = states if states is not None else {}
-        self.clock = clock
+        self.fleet = fleet if fleet is not None else Fleet(config, store, metrics)
+        self.rng = rng or random.Random()  # the draws of `weighted` and `quality` plans
         self._forwarding = {name: asyncio.Semaphore(FORWARD_CALLS_IN_FLIGHT) for name in clients}
         # Orders whose refill is being asked upstream now -> what the asking request will get:
         # a second request for one of them waits for that answer instead of asking again.
@@ -208,6 +217,15 @@ class OrderDesk:
         self.clients = clients
         for name in clients:
             self._forwarding.setdefault(name, asyncio.Semaphore(FORWARD_CALLS_IN_FLIGHT))
+
+    def plan(self, service: Service, *, quantity: int, charge: int) -> Plan:
+        """The plan of one order; each route it leaves out is counted with its reason."""
+        plan = self.fleet.plan(service, quantity=quantity, charge=charge, rng=self.rng)
+        for step in plan.skipped:
+            self.metrics.route_skipped.labels(
+                service=str(service.id), provider=step.route.provider, reason=str(step.reason)
+            ).inc()
+        return plan
 
     def service(self, raw: str | None) -> Service:
         service_id = v2.parse_id(raw)
@@ -229,9 +247,11 @@ class OrderDesk:
             structlog.contextvars.bind_contextvars(reseller_request_id=request_id)
         try:
             request = validate_add(self.service(params.get("service")), params)
-            routes = routing.plan(request.service, self.states, now=self.clock())
-            clients = self.clients  # with `routes`, this order's plan: a reload changes neither
-            if not routes:
+            steps = self.plan(
+                request.service, quantity=request.quantity, charge=request.charge
+            ).to_try
+            clients = self.clients  # with `steps`, this order's plan: a reload changes neither
+            if not steps:
                 raise v2.V2Error(v2.UNAVAILABLE)
         except v2.V2Error:
             # A repeat must not be told of an error its first order never had (the config or
@@ -243,7 +263,7 @@ class OrderDesk:
                     return self._repeat(first)
             raise
         service = request.service
-        first_route = routes[0][1]
+        first_route = steps[0].route
         try:
             order_id = await self.store.reserve_order(
                 NewOrder(
@@ -256,6 +276,7 @@ class OrderDesk:
                     provider=first_route.provider,
                     upstream_service=first_route.service,
                     request_id=request_id,
+                    config_version=self.config.version or None,
                 )
             )
         except DuplicateRequest as repeat:
@@ -271,7 +292,7 @@ class OrderDesk:
 
         async def place() -> int:
             try:
-                return await self._place(order_id, request, routes, clients=clients)
+                return await self._place(order_id, request, steps, clients=clients)
             finally:
                 bound.update(structlog.contextvars.get_contextvars())
 
@@ -294,12 +315,13 @@ class OrderDesk:
         self,
         order_id: int,
         request: AddRequest,
-        routes: Sequence[tuple[int, Route]],
+        steps: Sequence[Step],
         *,
         clients: Mapping[str, UpstreamClient] | None = None,
         rerouted_by: str | None = None,
     ) -> int:
-        """Try `routes` in turn (the first one is already recorded on the order) and settle.
+        """Try the plan's `steps` in turn (the first one's route is already recorded on the
+        order) and settle. A later route whose breaker opened meanwhile is skipped.
 
         `clients` are those of the config that planned `routes` (default: the desk's).
 
@@ -314,8 +336,14 @@ class OrderDesk:
         service = request.service
         clients = self.clients if clients is None else clients
         attempts: list[Attempt] = []
-        for position, (rank, route) in enumerate(routes):
+        for position, step in enumerate(steps):
+            route = step.route
             if position:
+                if not self.fleet.status(route.provider).takes_orders:
+                    self.metrics.route_skipped.labels(
+                        service=str(service.id), provider=route.provider, reason=Reason.OPEN
+                    ).inc()
+                    continue
                 await self.store.note_route(order_id, route.provider, route.service)
             structlog.contextvars.bind_contextvars(provider=route.provider)
             started = time.time()
@@ -324,7 +352,7 @@ class OrderDesk:
             )
             attempts.append(
                 Attempt(
-                    rank=rank,
+                    rank=step.rank,
                     provider=route.provider,
                     upstream_service=route.service,
                     started_at=started,
@@ -332,21 +360,21 @@ class OrderDesk:
                     outcome=str(result.outcome),
                     error=result.error,
                     upstream_order=result.upstream_order,
+                    cost=step.upstream_cost,
                 )
-            )
-            self.states[route.provider] = routing.after_outcome(
-                self.states.get(route.provider),
-                result.outcome,
-                now=self.clock(),
-                backoff=self.config.sync.no_funds_backoff,
             )
             if result.outcome is Outcome.ACCEPTED:
                 assert result.upstream_order is not None
-                state = await self._settle_accepted(
-                    order_id, attempts, route, result.upstream_order, event, rerouted_by
-                )
+                try:  # settled first: nothing may stand between the upstream ID and its log
+                    state = await self._settle_accepted(
+                        order_id, attempts, step, result.upstream_order, event, rerouted_by
+                    )
+                finally:
+                    self.fleet.after_spend(route.provider, step.upstream_cost)
+                    await self.fleet.after_add(route.provider, result, cost=step.upstream_cost)
                 self.metrics.orders.labels(service=str(service.id), state=state).inc()
                 return order_id
+            await self.fleet.after_add(route.provider, result, cost=step.upstream_cost)
             if not routing.fails_over(result.outcome):
                 await self._settle(
                     order_id,
@@ -389,7 +417,7 @@ class OrderDesk:
         self,
         order_id: int,
         attempts: list[Attempt],
-        route: Route,
+        step: Step,
         upstream_order: int,
         event: Callable[[str], str | None],
         rerouted_by: str | None,
@@ -400,6 +428,7 @@ class OrderDesk:
         stored (or the process dies first), the order is held on restart and that line is
         where the operator finds what to attach.
         """
+        route = step.route
         with contextlib.suppress(Exception):  # a broken log sink must not stop the settle
             log.info(
                 "order_accepted",
@@ -416,6 +445,7 @@ class OrderDesk:
                 attempts,
                 route=route,
                 upstream_order=upstream_order,
+                estimated_cost=step.upstream_cost,
                 event=event(f"placed {where}"),
                 rerouted_by=rerouted_by,
             )
@@ -451,6 +481,7 @@ class OrderDesk:
         *,
         route: Route | None = None,
         upstream_order: int | None = None,
+        estimated_cost: int | None = None,
         event: str | None = None,
         rerouted_by: str | None = None,
     ) -> bool:
@@ -468,6 +499,7 @@ class OrderDesk:
                 provider=None if route is None else route.provider,
                 upstream_service=None if route is None else route.service,
                 upstream_order=upstream_order,
+                estimated_cost=estimated_cost,
                 event=event,
             )
         except UpstreamOrderTaken:
@@ -552,8 +584,9 @@ class OrderDesk:
     async def reroute(self, order_id: int, *, by: str) -> Order:
         """Place a held order on the routes after the one it was held on, as `add` would.
 
-        Refusals fail over; an unknown outcome holds it again (on that route); no route
-        taking it cancels and refunds it.
+        Those routes are planned as a service of their own (health, costs, floor, strategy);
+        refusals fail over; an unknown outcome holds it again (on that route); no route taking
+        it cancels and refunds it.
         """
         order = await self._held(order_id)
         service = self.config.services.get(order.service)
@@ -570,24 +603,23 @@ class OrderDesk:
                 "use --upstream-order or --refund"
             )
         held_rank = service.route.index(held_on)
-        routes = [
-            (rank, route)
-            for rank, route in routing.plan(service, self.states, now=self.clock())
-            if rank > held_rank
-        ]
-        if not routes:
+        after = dataclasses.replace(service, route=service.route[held_rank + 1 :])
+        plan = self.plan(after, quantity=order.quantity, charge=order.charge)
+        steps = [step._replace(rank=step.rank + held_rank + 1) for step in plan.to_try]
+        if not steps:
+            out = "".join(f", {step.route.provider}: {step.reason}" for step in plan.skipped)
             raise ResolveRefused(
                 f"order {order_id}: no route after {held_on.provider} (rank {held_rank}) in "
-                f"service {service.id}; use --upstream-order or --refund"
+                f"service {service.id}{out}; use --upstream-order or --refund"
             )
         request = AddRequest(service, order.link, order.quantity, order.charge, order.params)
-        first = routes[0][1]
-        tried = ", ".join(f"{route.provider} (service {route.service})" for _, route in routes)
+        first = steps[0].route
+        tried = ", ".join(f"{s.route.provider} (service {s.route.service})" for s in steps)
         detail = f"reroute by {by}: from {held_on.provider} (service {held_on.service}) to {tried}"
         if not await self.store.begin_reroute(order_id, first.provider, first.service, detail):
             raise await self._not_held(order_id)
         try:
-            await self._place(order_id, request, routes, rerouted_by=by)
+            await self._place(order_id, request, steps, rerouted_by=by)
         except BaseException:
             # Stopped mid-call (Ctrl-C, a bug): the order may exist where it was being sent.
             await self.store.hold_interrupted_reroute(

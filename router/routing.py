@@ -34,24 +34,16 @@ last QUALITY_DAYS (Completed 1, Partial the delivered share, Canceled 0), a rout
 than QUALITY_MIN_OUTCOMES scoring as the average of the service's routes that have enough (or
 QUALITY_PRIOR when none has), ties by rank; EXPLORE_SHARE of its orders put a random other
 eligible route first, so that every route keeps gathering outcomes. The random draws come from
-the `rng` passed in.
-
-The older interface below (ProviderState, plan, after_outcome, after_balance, with_missing)
-routes with a whole-provider funds bench; the order desk and the sync use it until they move to
-router.health and plan_order. In it, a provider that answered `Not enough funds on balance` is
-benched: it gets no new orders until a balance read shows money came in, or until the configured
-back-off (`sync.no_funds_backoff`) passes. Money came in when a read taken after the bench shows
-more than the read before it: orders only ever lower a provider's balance, so a rise is a top-up
-(or refunds). The previous read may predate the bench (the balance was already low) or follow it
-(the first read after the bench then sets the level to beat). A route whose upstream service is
-gone from the provider's catalogue is skipped.
+the `rng` passed in; without one (`smm-router routes`, which shows what an order would get),
+`weighted` puts the heaviest route first and `quality` explores nothing: the order the draws
+favour, not a draw.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from types import MappingProxyType
@@ -63,76 +55,12 @@ from router.health import ProviderStatus, State
 from router.upstream import Outcome
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderState:
-    """What routing knows of one provider. Times are on one clock (the desk's: monotonic)."""
-
-    benched_until: float = 0.0  # no new orders before it (out of funds)
-    benched_at: float = 0.0  # when the last `Not enough funds` came back
-    last_balance: int | None = None  # the last balance read, minor units of its currency
-    missing: frozenset[int] = frozenset()  # upstream services gone from its catalogue
-
-    def benched(self, now: float) -> bool:
-        return now < self.benched_until
-
-
-HEALTHY: Final = ProviderState()
-
-
-def plan(
-    service: Service, states: Mapping[str, ProviderState], *, now: float
-) -> list[tuple[int, Route]]:
-    """The routes to try, as (rank in the route list, route), best first.
-
-    A benched provider is skipped: sending it orders would only collect refusals. So is a
-    route whose upstream service the provider's catalogue no longer lists.
-    """
-    routes = []
-    for rank, route in enumerate(service.route):
-        state = states.get(route.provider, HEALTHY)
-        if not state.benched(now) and route.service not in state.missing:
-            routes.append((rank, route))
-    return routes
-
-
 def fails_over(outcome: Outcome) -> bool:
     """Whether an `add` with this outcome may be tried on the next route.
 
     Only when nothing can exist upstream: an ambiguous outcome is never re-sent.
     """
     return outcome in (Outcome.REFUSED, Outcome.NO_FUNDS, Outcome.UNREACHABLE)
-
-
-def after_outcome(
-    state: ProviderState | None, outcome: Outcome, *, now: float, backoff: float
-) -> ProviderState:
-    """A provider's state once one of its `add` calls ended with `outcome`.
-
-    `backoff` is `sync.no_funds_backoff`: the longest a provider stays benched without a
-    balance read showing that money came in.
-    """
-    state = state or HEALTHY
-    if outcome is Outcome.NO_FUNDS:
-        return replace(state, benched_until=now + backoff, benched_at=now)
-    return state
-
-
-def after_balance(state: ProviderState | None, balance: int, *, read_at: float) -> ProviderState:
-    """A provider's state once a balance read sent at `read_at` answered `balance` (minor units).
-
-    A read sent before the bench says nothing about the money left after it, so it cannot lift
-    the bench; it still becomes the level that a later read must beat.
-    """
-    state = state or HEALTHY
-    rose = state.last_balance is not None and balance > state.last_balance
-    if state.benched_until and read_at >= state.benched_at and rose:
-        return replace(state, benched_until=0.0, benched_at=0.0, last_balance=balance)
-    return replace(state, last_balance=balance)
-
-
-def with_missing(state: ProviderState | None, missing: frozenset[int]) -> ProviderState:
-    """A provider's state once its catalogue showed which routed upstream services are gone."""
-    return replace(state or HEALTHY, missing=missing)
 
 
 # --- Plans: the routes of one order, with provider health, costs, floors and strategies ---------
@@ -228,7 +156,7 @@ class Plan:
 
     @property
     def routes(self) -> list[tuple[int, Route]]:
-        """The routes to try as (rank, route), the form `plan` returns."""
+        """The routes to try as (rank in the route list, route), in the order tried."""
         return [(step.rank, step.route) for step in self.steps if step.reason is None]
 
 
@@ -301,13 +229,14 @@ def plan_order(
     providers: Mapping[str, ProviderStatus],
     rates: Mapping[RateKey, int],
     outcomes: Mapping[RateKey, Outcomes] = NO_OUTCOMES,
-    rng: random.Random,
+    rng: random.Random | None,
 ) -> Plan:
     """The plan of one order of `quantity` (charged units) for `charge` (minor units).
 
     `providers`: each provider's health now (a provider left out is healthy); `rates`: the
     catalogue rate of each (provider, upstream service), minor units of the provider's
-    currency per 1000 (per order for flat types); `outcomes`: the quality strategy's inputs.
+    currency per 1000 (per order for flat types); `outcomes`: the quality strategy's inputs;
+    `rng`: the random draws of `weighted` and `quality` (None: their most likely order).
     """
     floor = min_margin_of(config, service)
     flat = is_flat(service.type)
@@ -349,20 +278,23 @@ def _order(
     service: Service,
     steps: Sequence[Step],
     outcomes: Mapping[RateKey, Outcomes],
-    rng: random.Random,
+    rng: random.Random | None,
 ) -> list[Step]:
-    """`steps` (in rank order) in the order `strategy` tries them."""
+    """`steps` (in rank order) in the order `strategy` tries them; `rng` None: no draw."""
     if len(steps) < 2 or strategy is _RANKED:
         return list(steps)
     if strategy is _CHEAPEST:
         return sorted(steps, key=lambda s: (s.upstream_cost is None, s.upstream_cost or 0, s.rank))
     if strategy is _WEIGHTED:
         weights = [step.route.weight or DEFAULT_WEIGHT for step in steps]
-        first = rng.choices(range(len(steps)), weights=weights)[0]
+        if rng is None:  # the heaviest first (the first of them on a tie)
+            first = weights.index(max(weights))
+        else:
+            first = rng.choices(range(len(steps)), weights=weights)[0]
         return [steps[first], *(step for index, step in enumerate(steps) if index != first)]
     scores = quality_scores(service, outcomes)
     ordered = sorted(steps, key=lambda s: (-scores[s.route.provider, s.route.service], s.rank))
-    if rng.random() < EXPLORE_SHARE:
+    if rng is not None and rng.random() < EXPLORE_SHARE:
         pick = rng.randrange(1, len(ordered))
         ordered.insert(0, ordered.pop(pick))
     return ordered

@@ -12,7 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Final
@@ -55,6 +55,7 @@ class Fault(StrEnum):
     DEEP_JSON = "deep_json"  # creates the order, answers JSON nested DEEP_JSON_LEVELS deep
     NOT_UTF8 = "not_utf8"  # creates the order, answers its JSON after bytes that are not UTF-8
     WAF_403 = "waf403"  # HTTP 403 with a web firewall's HTML page: nothing created
+    HTTP_429 = "http429"  # HTTP 429 Too Many Requests (a panel shedding load): nothing created
 
 
 _FLAKY_CHOICES: Final = (None, Fault.REFUSE, Fault.HTML_502, Fault.SLOW)
@@ -241,10 +242,7 @@ class SimProvider:
         self._stalled: set[str] = set()
         self._paused: dict[str, asyncio.Event] = {}
         self._partials: list[tuple[float, int]] = []  # heap of (end, order id) awaiting refund
-        self._catalogue = [
-            {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
-            for s in self.services.values()
-        ]
+        self._catalogue = self._listing()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -257,6 +255,13 @@ class SimProvider:
             "balance": lambda _params: {"balance": _money(self._balance), "currency": currency},
         }
         self.app = self.make_app()
+
+    def _listing(self) -> list[dict[str, object]]:
+        """The `services` answer, as panels write it (strings for numbers)."""
+        return [
+            {**asdict(s), "rate": _money(s.rate), "min": str(s.min), "max": str(s.max)}
+            for s in self.services.values()
+        ]
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -320,6 +325,11 @@ class SimProvider:
         if remains > 0 >= order.partial_remains:
             heapq.heappush(self._partials, (order.created_at + order.duration, order_id))
         order.partial_remains = remains
+
+    def set_rate(self, service: int, rate: Decimal) -> None:
+        """Change a service's rate: its catalogue entry and what its next orders cost."""
+        self.services[service] = replace(self.services[service], rate=rate)
+        self._catalogue = self._listing()
 
     def set_balance(self, amount: Decimal) -> None:
         self._balance = amount
@@ -448,6 +458,10 @@ class SimProvider:
             return _reset(request)
         if fault is Fault.WAF_403:
             return _spoiled(fault, None)
+        if fault is Fault.HTTP_429:
+            return web.json_response(
+                {"error": "Too many requests"}, status=429, headers={"Retry-After": "1"}
+            )
         if fault in (Fault.DEEP_JSON, Fault.NOT_UTF8):  # the panel took it; its answer is garbled
             return _spoiled(fault, {"order": self._place(service_id, params)})
         if fault is Fault.SLOW:

@@ -164,6 +164,7 @@ class NewOrder:
     provider: str  # the first route to try, recorded before the call so a crash leaves a trace
     upstream_service: int
     request_id: str | None = None  # the reseller's own ID for this `add` (v2.check_request_id)
+    config_version: str | None = None  # Config.version of the config that planned it
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,7 @@ class Order:
     created_at: float
     refunded: int = 0  # minor units given back by the ledger (the status sync's refunds, ...)
     request_id: str | None = None  # the reseller's own ID for the `add` that made it
+    config_version: str | None = None  # the config that planned it; None: before 0009
 
     @property
     def params(self) -> Mapping[str, str]:
@@ -203,6 +205,7 @@ class Attempt:
     outcome: str
     error: str | None = None
     upstream_order: int | None = None
+    cost: int | None = None  # the order's upstream cost on this route as planned; None: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +281,8 @@ class ActiveOrder:
     next_check_at: float
     sync_problem: str | None
     service: int  # local service ID
+    cost: int | None = None  # recorded by an earlier answer; None: not yet
+    estimated_cost: int | None = None  # as planned (counted in the day's spend until `cost`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +351,8 @@ class OrderSyncState:
 
 _ORDER_COLUMNS: Final = (
     "id, reseller_id, service, state, status, link, quantity, charge, params, provider, "
-    "upstream_service, upstream_order, start_count, remains, created_at, refunded, request_id"
+    "upstream_service, upstream_order, start_count, remains, created_at, refunded, request_id, "
+    "config_version"
 )
 
 
@@ -369,6 +375,7 @@ def _order(row: sqlite3.Row) -> Order:
         created_at=row[14],
         refunded=row[15],
         request_id=row[16],
+        config_version=row[17],
     )
 
 
@@ -430,6 +437,7 @@ def _attempts_json(attempts: Iterable[Attempt]) -> str:
                 "outcome": a.outcome,
                 "error": a.error,
                 "upstream_order": a.upstream_order,
+                "cost": a.cost,
             }
             for a in attempts
         ],
@@ -677,8 +685,8 @@ class Store:
                 rows = await db.execute_fetchall(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
                     "params, provider, upstream_service, created_at, updated_at, placing_by, "
-                    "request_id) "
-                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
+                    "request_id, config_version) "
+                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
                     "WHERE id = ? AND enabled = 1 AND balance >= ? "
                     "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
                     "DO NOTHING RETURNING id",
@@ -694,6 +702,7 @@ class Store:
                         now,
                         self.owner,
                         order.request_id,
+                        order.config_version,
                         order.reseller_id,
                         order.charge,
                     ),
@@ -737,11 +746,13 @@ class Store:
         provider: str | None = None,
         upstream_service: int | None = None,
         upstream_order: int | None = None,
+        estimated_cost: int | None = None,
         event: str | None = None,
     ) -> None:
         """Finish placement: record the attempts and the order's new state.
 
-        `placed` stores the upstream order; `held` keeps the funds reserved; `failed` refunds
+        `placed` stores the upstream order (and `estimated_cost`, what its route was planned
+        to cost); `held` keeps the funds reserved; `failed` refunds
         the charge in the same transaction; `canceled` (a held order the operator re-routed and
         no route took) refunds it too, and its reseller sees Canceled. `event` (an operator's
         re-route) becomes a 'resolve' row of the order's history, in the same transaction.
@@ -766,6 +777,7 @@ class Store:
             f"upstream_service = CASE WHEN {moves} "
             "THEN coalesce(?4, upstream_service) ELSE upstream_service END, "
             f"upstream_order = CASE WHEN {moves} THEN ?5 ELSE upstream_order END, "
+            f"estimated_cost = CASE WHEN {moves} THEN ?9 ELSE estimated_cost END, "
             "updated_at = ?6 WHERE id = ?7 RETURNING state"
         )
         attempts_json = _attempts_json(attempts)
@@ -781,6 +793,7 @@ class Store:
                 now,
                 order_id,
                 self.owner,
+                estimated_cost,
             )
             if state != "canceled" and event is None:
                 async with self._write() as db:  # the hot path of `add`: one hop
@@ -877,7 +890,7 @@ class Store:
     async def attempts(self, order_id: int) -> list[Attempt]:
         rows = await self._reader.execute_fetchall(
             "SELECT rank, provider, upstream_service, started_at, latency, outcome, error, "
-            "upstream_order FROM attempts WHERE order_id = ? ORDER BY id",
+            "upstream_order, cost FROM attempts WHERE order_id = ? ORDER BY id",
             (order_id,),
         )
         return [Attempt(*row) for row in rows]
@@ -1179,7 +1192,7 @@ class Store:
         last_due, last_id = after if after is not None else (-1.0, 0)
         rows = await self._reader.execute_fetchall(
             "SELECT id, upstream_order, quantity, charge, status, created_at, next_check_at, "
-            "sync_problem, service FROM orders INDEXED BY orders_due "
+            "sync_problem, service, cost, estimated_cost FROM orders INDEXED BY orders_due "
             f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at <= ?2 "
             "AND next_check_at >= ?3 AND (next_check_at > ?3 OR id > ?4) "
             "AND upstream_order IS NOT NULL ORDER BY next_check_at, id LIMIT ?5",
@@ -1473,18 +1486,86 @@ class Store:
             )
         return cursor.rowcount
 
-    async def last_no_funds(self, providers: Iterable[str]) -> dict[str, float]:
-        """When each provider last answered an `add` with `Not enough funds` (unix time)."""
-        found: dict[str, float] = {}
+    async def no_funds_refusals(
+        self, provider: str, *, before: float = math.inf, limit: int = 100
+    ) -> list[Refusal]:
+        """The provider's `Not enough funds` answers to `add` sent before `before` (unix
+        time), the latest first, at most `limit`: the funds bench is replayed from them."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT started_at, started_at + latency, cost FROM attempts "
+            "INDEXED BY attempts_by_provider WHERE provider = ? AND outcome = 'no_funds' "
+            "AND started_at < ? ORDER BY started_at DESC LIMIT ?",
+            (provider, before, limit),
+        )
+        return [Refusal(*row) for row in rows]
+
+    # --- Routing: breaker transitions, the day's spend, quality outcomes -----------------------
+
+    async def record_breaker_event(self, provider: str, at: float, state: str) -> None:
+        """A transition of the provider's breaker at `at` (unix time): 'open' or 'healthy'."""
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO breaker_events (provider, at, state) VALUES (?, ?, ?)",
+                (provider, at, state),
+            )
+
+    async def last_breaker_events(self, providers: Iterable[str]) -> dict[str, BreakerEvent]:
+        """Each provider's last breaker transition; none for a provider without any."""
+        found: dict[str, BreakerEvent] = {}
         for provider in providers:
             rows = await self._reader.execute_fetchall(
-                "SELECT started_at + latency FROM attempts WHERE provider = ? "
-                "AND outcome = 'no_funds' ORDER BY started_at DESC LIMIT 1",
+                "SELECT provider, at, state FROM breaker_events WHERE provider = ? "
+                "ORDER BY at DESC, id DESC LIMIT 1",
                 (provider,),
             )
             if rows:
-                found[provider] = float(rows[0][0])  # type: ignore[index]
+                found[provider] = BreakerEvent(*rows[0])  # type: ignore[index]
         return found
+
+    async def prune_breaker_events(self, older_than: float) -> int:
+        """Forget transitions older than `older_than`, but never a provider's last one."""
+        async with self._write() as db:
+            cursor = await db.execute(
+                "DELETE FROM breaker_events WHERE at < ? AND id NOT IN "
+                "(SELECT max(id) FROM breaker_events GROUP BY provider)",
+                (older_than,),
+            )
+        return cursor.rowcount
+
+    async def spend_since(self, providers: Iterable[str], since: float) -> dict[str, int]:
+        """What each provider costs for the orders it holds created from `since` (unix time)
+        on: the recorded cost, else the cost planned when it was placed (minor units of
+        `currency`). An order with neither counts nothing until its status records a cost."""
+        found: dict[str, int] = {}
+        for provider in providers:
+            rows = await self._reader.execute_fetchall(
+                "SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM orders "
+                "INDEXED BY orders_by_provider WHERE provider = ? AND created_at >= ? "
+                "AND state = 'placed'",
+                (provider, since),
+            )
+            found[provider] = int(rows[0][0])  # type: ignore[index]
+        return found
+
+    async def final_outcomes(self, since: float) -> list[FinalOutcomes]:
+        """The final statuses the status sync read from `since` (unix time) on, counted per
+        (provider, upstream service), with the delivered share of the Partial ones.
+
+        The share is (quantity - remains) / quantity within [0, 1]; a package's remains count
+        units of a size we do not know (its quantity is 1), so a package ending Partial counts
+        as nothing delivered.
+        """
+        rows = await self._reader.execute_fetchall(
+            "SELECT provider, upstream_service, sum(status = 'Completed'), "
+            "sum(status = 'Partial'), sum(status = 'Canceled'), "
+            "coalesce(sum(CASE WHEN status = 'Partial' AND quantity > 0 THEN "
+            "max(0.0, min(1.0, (quantity - coalesce(remains, quantity)) * 1.0 / quantity)) "
+            "END), 0.0) FROM orders INDEXED BY orders_final "
+            "WHERE state = 'placed' AND status IN ('Completed', 'Partial', 'Canceled') "
+            "AND checked_at >= ? GROUP BY provider, upstream_service",
+            (since,),
+        )
+        return [FinalOutcomes(*row) for row in rows]
 
     async def record_catalogue(
         self, provider: str, fetched_at: float, size: int, routes: Sequence[RouteListing]
@@ -1679,6 +1760,34 @@ class BalanceRead:
     balance: int  # minor units of `currency`
     currency: str
     read_at: float  # unix time the read was sent
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A `Not enough funds` answer to an `add` (Store.no_funds_refusals)."""
+
+    started_at: float  # unix time the call was sent
+    at: float  # unix time the answer came back
+    cost: int | None  # the order's upstream cost there, as planned; None: unknown
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerEvent:
+    provider: str
+    at: float  # unix time
+    state: str  # 'open' (opened or reopened) or 'healthy' (a probe closed it)
+
+
+@dataclass(frozen=True, slots=True)
+class FinalOutcomes:
+    """The final outcomes of one (provider, upstream service) over a period."""
+
+    provider: str
+    upstream_service: int
+    completed: int
+    partial: int
+    canceled: int
+    partial_delivered: float  # the sum, over the Partial ones, of their delivered share
 
 
 @dataclass(frozen=True, slots=True)

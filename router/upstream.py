@@ -4,12 +4,15 @@ Every failure of a call is one of these (what the failover loop of `orders.py` d
 
     UpstreamError                 outcome      the failover loop
      ├── UpstreamRefused          refused      tries the next route: nothing was created upstream
-     │    └── UpstreamNoFunds     no_funds     tries the next route and benches this provider
+     │    ├── UpstreamNoFunds     no_funds     tries the next route and benches this provider
+     │    └── UpstreamRateLimited refused      tries the next route; counts against its breaker
      ├── UpstreamUnreachable      unreachable  tries the next route: nothing was sent
      └── OutcomeUnknown           ambiguous    STOPS: the order may exist upstream (held for ops)
 
 `refused`: an `{"error": ...}` answer (on HTTP 200 or 4xx), HTTP 429, or any other 4xx but 408
 with no order in the body (a firewall's 403 page, a 404, a 413: turned away before the panel).
+HTTP 429 is a refusal of load, not of the order: UpstreamRateLimited (`AddResult.rate_limited`),
+which the provider's breaker counts as a failure of its own (router.health).
 `unreachable`: DNS failure, connection refused, connect timeout (pool wait, DNS, TCP and TLS),
 TLS failure. `ambiguous`: timeout after the request went out, connection reset or closed, HTTP
 408 or 5xx, a 4xx with an order in the body, HTML, empty, truncated or otherwise unparseable
@@ -80,6 +83,10 @@ class UpstreamNoFunds(UpstreamRefused):
     outcome = Outcome.NO_FUNDS
 
 
+class UpstreamRateLimited(UpstreamRefused):
+    """HTTP 429: the provider refuses load, not this order (nothing was created)."""
+
+
 class UpstreamUnreachable(UpstreamError):
     outcome = Outcome.UNREACHABLE
 
@@ -103,6 +110,7 @@ class AddResult:
     upstream_order: int | None  # set when outcome is ACCEPTED
     error: str | None  # what went wrong, for the attempt row and ops; None when accepted
     latency: float
+    rate_limited: bool = False  # refused with HTTP 429 (UpstreamRateLimited): load, not the order
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +252,7 @@ def parse_answer(status: int, content_type: str, body: str | bytes) -> Any:
 
 def _parse_answer(status: int, content_type: str, body: str | bytes) -> Any:
     if status == 429:
-        raise UpstreamRefused("HTTP 429 Too Many Requests")
+        raise UpstreamRateLimited("HTTP 429 Too Many Requests")
     if provider_trouble(status):
         raise OutcomeUnknown(f"HTTP {status}: {_error_text(_snippet(body))}")
     if 400 <= status < 500:
@@ -566,16 +574,20 @@ class UpstreamClient:
             raise ValueError("key and action are set by the client")
         started, start = time.time(), time.perf_counter()
         outcome = Outcome.AMBIGUOUS  # if cancelled mid-call, the order may exist upstream
+        rate_limited = False
         try:
             try:
-                outcome, order, error = classify_add(*await self._exchange("add", params))
+                status, content_type, body = await self._exchange("add", params)
+                outcome, order, error = classify_add(status, content_type, body)
+                rate_limited = status == 429  # always UpstreamRateLimited (parse_answer)
             except UpstreamError as exc:
                 outcome, order, error = exc.outcome, None, exc.message
             except Exception as exc:  # unforeseen, perhaps after sending: the order may exist
                 outcome, order = Outcome.AMBIGUOUS, None
                 error = f"unexpected failure ({_exception_text(exc)})"
             latency = time.perf_counter() - start
-            return AddResult(outcome, order, self._redact(error) if error else None, latency)
+            redacted = self._redact(error) if error else None
+            return AddResult(outcome, order, redacted, latency, rate_limited=rate_limited)
         finally:
             self._record("add", started, time.perf_counter() - start, outcome)
 

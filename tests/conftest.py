@@ -179,9 +179,18 @@ async def start_router(
         *,
         upstream_timeout: float = 2.0,
         background: bool = False,  # True: the app's background loops run too
+        spend_caps: dict[str, str] | None = None,  # provider -> its daily_spend_cap
         **changes: Any,  # Config fields to replace, e.g. sync=Sync(...), fx={...}
     ) -> Router:
         config = build_config(tmp_path / "router.db", providers, services, timeout=upstream_timeout)
+        if spend_caps:
+            capped = {
+                name: dataclasses.replace(p, daily_spend_cap=Decimal(spend_caps[name]))
+                if name in spend_caps
+                else p
+                for name, p in config.providers.items()
+            }
+            config = dataclasses.replace(config, providers=MappingProxyType(capped))
         config = dataclasses.replace(config, **changes)
         registry = CollectorRegistry()
         app = create_app(config, background=background, registry=registry)

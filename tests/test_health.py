@@ -19,6 +19,7 @@ from router.health import (
     ProviderStatus,
     State,
     over_cap,
+    replay_bench,
     spend_cap,
     utc_day,
 )
@@ -355,3 +356,41 @@ def test_provider_health_carries_the_days_spend() -> None:
 def test_a_configured_cap_in_minor_units() -> None:
     assert spend_cap(None) is None
     assert spend_cap(Decimal("500")) == 50_000_000 and spend_cap(Decimal("0.00001")) == 1
+
+
+# --- Restored from what the store keeps ----------------------------------------------------------
+
+
+def test_a_restored_breaker_is_open_until_its_cooldown_passes_since_it_opened() -> None:
+    breaker = Breaker()
+    breaker.restore(100.0, RULES)
+    assert (breaker.state(110.0), breaker.probe_at) == (State.OPEN, 130.0)
+    assert breaker.state(130.0) is State.HALF_OPEN
+    breaker.probe(Answer.ANSWERED, now=131.0, rules=RULES)
+    assert breaker.state(131.0) is State.HEALTHY
+
+
+def test_a_replayed_bench_is_the_one_the_live_transitions_left() -> None:
+    """The same refusals and reads, in time order, as the live bench saw them."""
+    refusals = [(10.0, 500), (20.0, 300), (700.0, None)]
+    reads = [(5.0, 1000), (15.0, 900), (30.0, 900)]
+    live = FundsBench().after_balance(1000, read_at=5.0)
+    live = live.after_no_funds(500, now=10.0, backoff=BACKOFF)
+    live = live.after_balance(900, read_at=15.0)
+    live = live.after_no_funds(300, now=20.0, backoff=BACKOFF)
+    live = live.after_balance(900, read_at=30.0)
+    live = live.after_no_funds(None, now=700.0, backoff=BACKOFF)
+    replayed = replay_bench(refusals, reads, backoff=BACKOFF)
+    assert replayed == live
+    assert (replayed.threshold, replayed.until) == (0, 700.0 + BACKOFF)  # unknown: every cost
+
+
+def test_a_replayed_read_that_rose_after_the_bench_lifts_it() -> None:
+    replayed = replay_bench([(10.0, 500)], [(5.0, 100), (12.0, 100), (20.0, 5000)], backoff=BACKOFF)
+    assert replayed == FundsBench(last_balance=5000)
+    assert not replayed.blocks(10**9, now=21.0)
+
+
+def test_a_read_sent_as_the_refusal_came_back_is_taken_after_it() -> None:
+    replayed = replay_bench([(10.0, 500)], [(5.0, 100), (10.0, 200)], backoff=BACKOFF)
+    assert replayed.threshold is None and replayed.last_balance == 200

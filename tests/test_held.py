@@ -604,34 +604,35 @@ async def test_the_held_gauge_stays_exact_through_every_resolution(setup: Setup,
             rows = await db.execute_fetchall("SELECT count(*) FROM orders WHERE state = 'held'")
         assert (await store.count_held(), next(iter(rows))[0]) == (expected, expected)
 
-    held = [await setup.held_order() for _ in range(6)]  # placing -> held
-    await assert_held(6)
+    # Five: alpha's breaker (min_calls 5) would send a sixth order elsewhere.
+    held = [await setup.held_order() for _ in range(5)]  # placing -> held
+    await assert_held(5)
     assert (await cli(setup.path, "orders", "resolve", str(held[0]), "--refund"))[0] == 0
-    await assert_held(5)  # held -> canceled
+    await assert_held(4)  # held -> canceled
     assert (await cli(setup.path, "orders", "resolve", str(held[1]), "--reroute"))[0] == 0
-    await assert_held(4)  # held -> placing -> placed
+    await assert_held(3)  # held -> placing -> placed
     beta.set_fault(101, Fault.RESET)
     assert (await cli(setup.path, "orders", "resolve", str(held[2]), "--reroute"))[0] == 0
-    await assert_held(4)  # held -> placing -> held
+    await assert_held(3)  # held -> placing -> held
     beta.set_fault(101, Fault.REFUSE)
     gamma.set_fault(101, Fault.NO_FUNDS)
     assert (await cli(setup.path, "orders", "resolve", str(held[3]), "--reroute"))[0] == 0
-    await assert_held(3)  # held -> placing -> canceled
+    await assert_held(2)  # held -> placing -> canceled
     attach = ("orders", "resolve", str(held[4]), "--upstream-order", "4242")
     assert (await cli(setup.path, *attach))[0] == 0
-    await assert_held(2)  # held -> placed
+    await assert_held(1)  # held -> placed
 
     reseller = await store.reseller_by_name("acme")
     assert reseller is not None
     new = NewOrder(reseller.id, 1, "x", 100, 10_000, {"quantity": "100"}, "alpha", 101)
     assert await store.reserve_order(new) is not None
-    await assert_held(2)
+    await assert_held(1)
     assert await store.hold_interrupted_orders(stale_before=time.time() + 1) == 1
-    await assert_held(3)  # placing -> held, by the start-up sweep
+    await assert_held(2)  # placing -> held, by the start-up sweep
     await store.create_placed_orders([(new, 9000 + n) for n in range(3)])
-    await assert_held(3)
+    await assert_held(2)
 
     async with TestClient(TestServer(create_metrics_app(setup.router.app))) as metrics:
         text = await (await metrics.get("/metrics")).text()
-    assert "\nsmm_router_orders_held 3.0\n" in text
-    await setup.assert_balance("5.60")  # 10 - 6 x 1.00 + 2 x 1.00 refunded - 4 x 0.10
+    assert "\nsmm_router_orders_held 2.0\n" in text
+    await setup.assert_balance("6.60")  # 10 - 5 x 1.00 + 2 x 1.00 refunded - 4 x 0.10

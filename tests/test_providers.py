@@ -14,9 +14,10 @@ import pytest
 from aiohttp import web
 
 from router import v2
-from router.app import CALLS, ORDER_SYNC, PROVIDER_STATES, PROVIDER_WATCHER
+from router.app import CALLS, FLEET, ORDER_SYNC, PROVIDER_WATCHER
 from router.cli import main
 from router.config import Sync, load
+from router.health import ProviderHealth
 from router.sim import CLOUDFLARE_502, Fault, SimProvider, default_catalogue
 from router.sync.providers import ProviderWatcher, check_online
 from tests.conftest import SIM_KEY, Router, RouterFactory, SimFactory, free_port, service
@@ -24,6 +25,14 @@ from tests.conftest import SIM_KEY, Router, RouterFactory, SimFactory, free_port
 
 def watcher(router: Router) -> ProviderWatcher:
     return router.app[PROVIDER_WATCHER]
+
+
+def health(router: Router, provider: str) -> ProviderHealth:
+    return router.app[FLEET].health[provider]
+
+
+def benched(router: Router, provider: str) -> bool:
+    return health(router, provider).bench.active(router.app[FLEET].clock())
 
 
 async def add(router: Router, key: str, quantity: int = 1000, service_id: int = 1) -> Any:
@@ -107,7 +116,7 @@ async def test_no_funds_skips_the_provider_until_its_balance_recovers(
 
     first.set_balance(Decimal("100"))
     await watcher(router).balances_once()  # 100 > 0.40: topped up
-    assert router.metric("smm_router_provider_state", provider="first", state="ok") == 1
+    assert router.metric("smm_router_provider_state", provider="first", state="healthy") == 1
     assert await provider_of(router, await add(router, key)) == "first"
     assert len(first.received_actions("add")) == 2
     assert len(second.received_actions("add")) == 3
@@ -166,7 +175,7 @@ async def test_bench_ends_when_the_backoff_passes(
     )
     key = await router.reseller()
     assert await provider_of(router, await add(router, key)) == "second"
-    assert router.app[PROVIDER_STATES]["first"].benched_until > 0
+    assert benched(router, "first")
     first.set_fault(101, None)
     await asyncio.sleep(0.1)  # the back-off passes; no balance read in between
     assert await provider_of(router, await add(router, key)) == "first"
@@ -181,7 +190,8 @@ async def test_a_restarted_router_keeps_benches_and_catalogues(
         providers = {"first": first.url, "second": second.url}
         services = [
             service(1, [("first", 101), ("second", 101)]),
-            service(2, [("first", 102), ("second", 102)], type="Package", min=1, max=1),
+            # Above the upstream's 2.40 per package: the margin floor lets it through.
+            service(2, [("first", 102), ("second", 102)], type="Package", rate="3.00", max=1),
         ]
         router = await start_router(providers, services)
         key = await router.reseller()
@@ -191,8 +201,8 @@ async def test_a_restarted_router_keeps_benches_and_catalogues(
         assert await provider_of(router, await add(router, key)) == "second"  # no funds
 
         again = await start_router(providers, services)  # same database, fresh memory
-        assert again.app[PROVIDER_STATES]["first"].benched(time.monotonic())
-        assert again.app[PROVIDER_STATES]["first"].missing == {102}
+        assert benched(again, "first")
+        assert health(again, "first").missing == {102}
         assert await provider_of(again, await add(again, key)) == "second"
         assert len(first.received_actions("add")) == 1
 
@@ -231,7 +241,9 @@ async def test_a_broken_catalogue_changes_nothing(
             {"first": first.url, "second": second.url},
             [
                 service(1, [("first", 101), ("second", 101)]),
-                service(3, [("first", 103), ("second", 103)], type="Custom Comments", min=1),
+                service(  # above the upstream's 12.00: the margin floor lets it through
+                    3, [("first", 103), ("second", 103)], type="Custom Comments", rate="15", min=1
+                ),
             ],
         )
         first.answer_catalogue_without(103)
@@ -252,8 +264,8 @@ async def test_a_broken_catalogue_changes_nothing(
         after = await router.store.route_catalogue()
         assert [r for r in after if r.provider == "first"] == stored[:2]  # second's is fresh
         assert (await router.store.catalogue_fetches())["first"] == fetches["first"]
-        assert router.app[PROVIDER_STATES]["first"].missing == {103}
-        assert router.app[PROVIDER_STATES]["second"].missing == frozenset()
+        assert health(router, "first").missing == {103}
+        assert health(router, "second").missing == frozenset()
         key = await router.reseller()
         assert await provider_of(router, await add(router, key)) == "first"
         comments = await router.call(
@@ -338,7 +350,7 @@ async def test_a_shrunken_catalogue_is_held_back_until_it_is_repeated(
         every_other = [s.service for s in default_catalogue()][:15]  # only 116 is left
         first.answer_catalogue_without(*every_other)
         await watcher(router).catalogues_once()
-        assert router.app[PROVIDER_STATES]["first"].missing == frozenset()
+        assert health(router, "first").missing == frozenset()
         assert (
             router.metric(
                 "smm_router_catalogue_fetches_total", provider="first", outcome="held_back"
@@ -347,7 +359,7 @@ async def test_a_shrunken_catalogue_is_held_back_until_it_is_repeated(
         )
         first.answer_catalogue_without(*every_other)  # the same again: it is real
         await watcher(router).catalogues_once()
-        assert router.app[PROVIDER_STATES]["first"].missing == {101}
+        assert health(router, "first").missing == {101}
     finally:
         await first.stop()
 
@@ -443,7 +455,7 @@ async def test_providers_report(
     assert first_row["add_success_rate"] == pytest.approx(2 / 3)
     assert first_row["calls"] == 5  # 3 adds, services, balance
     assert 0 < first_row["latency_p50"] <= first_row["latency_p95"]
-    assert first_row["state"] == "ok" and first_row["benched_until"] is None
+    assert first_row["state"] == "healthy" and first_row["benched_until"] is None
     assert first_row["balance"]["amount"] == "998.50"  # 1000 - 0.50 - 1.00
     assert first_row["balance"]["currency"] == "USD"
     second_row = rows["second"]

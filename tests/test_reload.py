@@ -29,9 +29,8 @@ from structlog.testing import capture_logs
 from router import config as config_module
 from router import reload, v2
 from router.api import hash_key
-from router.app import LIVE, ORDER_SYNC, PROVIDER_STATES, create_app, reload_config
+from router.app import FLEET, LIVE, ORDER_SYNC, create_app, reload_config
 from router.config import config_version
-from router.routing import ProviderState
 from router.sim import Fault
 from router.store import Store
 from tests.conftest import (
@@ -459,12 +458,12 @@ async def test_health_state_metrics_and_limits_after_a_reload(
     services = {1: ("1.00", [("alpha", 101)]), 2: ("1.00", [("beta", 101)])}
     setup.write({"alpha": alpha.url, "beta": beta.url, "gamma": other.url}, services)
     async with app_from(setup, aiohttp_client, background=False) as router:
-        states = router.app[PROVIDER_STATES]
-        states["alpha"] = ProviderState(missing=frozenset({101}))
-        states["beta"] = ProviderState(missing=frozenset({102}))
+        fleet = router.app[FLEET]
+        fleet.set_catalogue("alpha", {}, frozenset({101}))
+        fleet.set_catalogue("beta", {}, frozenset({102}))
         assert (
             router.registry.get_sample_value(
-                "smm_router_provider_state", {"provider": "gamma", "state": "ok"}
+                "smm_router_provider_state", {"provider": "gamma", "state": "healthy"}
             )
             == 1.0
         )
@@ -476,13 +475,16 @@ async def test_health_state_metrics_and_limits_after_a_reload(
         )
         assert await reload_config(router.app, setup.path)
 
-        assert "alpha" not in states  # another URL: what was learnt of the old one is gone
-        assert states["beta"].missing == {102}
+        # Another URL: what was learnt of the old one is gone; beta is unchanged.
+        assert fleet.health["alpha"].missing == frozenset()
+        assert fleet.health["beta"].missing == {102}
         labels = {"provider": "delta", "action": "add", "outcome": "accepted"}
         assert router.registry.get_sample_value("smm_router_upstream_requests_total", labels) == 0
         gauge = "smm_router_provider_state"
-        assert router.registry.get_sample_value(gauge, {"provider": "delta", "state": "ok"}) == 1
-        assert router.registry.get_sample_value(gauge, {"provider": "gamma", "state": "ok"}) is None
+        delta_state = {"provider": "delta", "state": "healthy"}
+        assert router.registry.get_sample_value(gauge, delta_state) == 1
+        gamma_state = {"provider": "gamma", "state": "healthy"}
+        assert router.registry.get_sample_value(gauge, gamma_state) is None
         assert router.metric("smm_router_config_reloads_total", outcome="applied") == 1
 
         add = {"key": KEY, "action": "add", "service": 2, "link": "x", "quantity": 100}

@@ -480,3 +480,31 @@ def test_each_reason_in_rank_order_after_the_routes_to_try() -> None:
         "spend_cap",
         "benched",
     ]
+
+
+def test_without_a_draw_weighted_puts_the_heaviest_first_and_quality_explores_nothing() -> None:
+    """What `smm-router routes` shows: the order the draws favour, the same every time."""
+    weighted = make_service(strategy=Strategy.WEIGHTED, weights=(20, 50, 30))
+    shown = plan_order(
+        make_config(), weighted, quantity=1000, charge=CHARGE, providers={}, rates=RATES, rng=None
+    )
+    assert [step.route.provider for step in shown.to_try] == ["beta", "alpha", "gamma"]
+    tie = make_service(strategy=Strategy.WEIGHTED, weights=(50, 50, 30))
+    shown = plan_order(
+        make_config(), tie, quantity=1000, charge=CHARGE, providers={}, rates=RATES, rng=None
+    )
+    assert [step.route.provider for step in shown.to_try] == ["alpha", "beta", "gamma"]
+    quality = make_service(strategy=Strategy.QUALITY)
+    outcomes = {("gamma", 3): Outcomes(completed=30), ("alpha", 101): Outcomes(canceled=30)}
+    for _ in range(200):  # EXPLORE_SHARE would put another first in about 10 of these
+        shown = plan_order(
+            make_config(),
+            quality,
+            quantity=1000,
+            charge=CHARGE,
+            providers={},
+            rates=RATES,
+            outcomes=outcomes,
+            rng=None,
+        )
+        assert [step.route.provider for step in shown.to_try] == ["gamma", "beta", "alpha"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from router.store import Attempt, DuplicateRequest, NewOrder, Store, StoreError
+from router.store import Attempt, DuplicateRequest, NewOrder, StatusRecord, Store, StoreError
 from router.upstream import CallRecord, Outcome
 
 
@@ -297,6 +297,9 @@ RELEASED_MIGRATIONS = {
     "0008_held_counter_and_indexes.sql": (
         "d916751870c20a47f1e86177fa7164672c2239ed0eb2bea6a958f9793450a75a"
     ),
+    "0009_routing_records.sql": (
+        "7e5a414f51b78ae73e39fa786b3a239afc55581df303db0cc77cf996e4fec29c"
+    ),
     "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
 }
 
@@ -463,3 +466,72 @@ async def test_the_migration_counts_the_orders_already_held(tmp_path: Path) -> N
     store = await Store.open(path)
     assert await store.count_held() == 3
     await store.close()
+
+
+async def test_routing_records_round_trip(store: Store) -> None:
+    """The cost of each attempt, the planned cost and config version of an order, breaker
+    transitions, the day's spend and final outcomes, as routing reads them back."""
+    reseller = await store.create_reseller("acme", "hash", 10_000)
+    new = NewOrder(reseller.id, 1, "x", 1000, 900, {}, "a", 7, config_version="abc123def456")
+    order_id = await store.reserve_order(new)
+    assert order_id is not None
+    refused = Attempt(0, "b", 7, time.time() - 5, 0.5, "no_funds", "Not enough funds", cost=400)
+    accepted = Attempt(1, "a", 7, time.time(), 0.1, "accepted", None, 55, cost=450)
+    await store.settle_order(
+        order_id,
+        state="placed",
+        attempts=[refused, accepted],
+        provider="a",
+        upstream_service=7,
+        upstream_order=55,
+        estimated_cost=450,
+    )
+    order = await store.order(order_id)
+    assert order is not None and order.config_version == "abc123def456"
+    assert await store.attempts(order_id) == [refused, accepted]
+    [refusal] = await store.no_funds_refusals("b")
+    assert (refusal.started_at, refusal.at, refusal.cost) == (
+        refused.started_at,
+        pytest.approx(refused.started_at + 0.5),
+        400,
+    )
+    assert await store.no_funds_refusals("b", before=refused.started_at) == []
+    assert await store.spend_since(["a", "b"], time.time() - 60) == {"a": 450, "b": 0}
+    assert await store.spend_since(["a"], time.time() + 60) == {"a": 0}
+
+    await store.record_breaker_event("a", 100.0, "open")
+    await store.record_breaker_event("a", 200.0, "healthy")
+    await store.record_breaker_event("b", 150.0, "open")
+    last = await store.last_breaker_events(["a", "b", "c"])
+    assert {name: (e.at, e.state) for name, e in last.items()} == {
+        "a": (200.0, "healthy"),
+        "b": (150.0, "open"),
+    }
+    assert await store.prune_breaker_events(older_than=1000.0) == 1  # a's first; the last stay
+    assert set(await store.last_breaker_events(["a", "b"])) == {"a", "b"}
+
+    page = await store.orders_due("a", due_by=time.time())
+    assert [(o.cost, o.estimated_cost) for o in page] == [(None, 450)]
+    [due] = page
+    records = [StatusRecord(due.id, due.status, "Partial", time.time() + 60, remains=250, cost=300)]
+    await store.record_statuses(records, checked_at=time.time())
+    [outcome] = await store.final_outcomes(time.time() - 60)
+    assert (outcome.provider, outcome.upstream_service) == ("a", 7)
+    assert (outcome.completed, outcome.partial, outcome.canceled) == (0, 1, 0)
+    assert outcome.partial_delivered == pytest.approx(0.75)
+    assert await store.final_outcomes(time.time() + 60) == []
+    assert await store.spend_since(["a"], time.time() - 60) == {"a": 300}  # recorded wins
+
+
+async def test_routing_queries_use_their_indexes(store: Store) -> None:
+    since = time.time() - 7 * 86400
+    plans = await _plans(store, lambda: store.no_funds_refusals("b", before=time.time()))
+    plans += await _plans(store, lambda: store.last_breaker_events(["a"]))
+    plans += await _plans(store, lambda: store.spend_since(["a"], since))
+    plans += await _plans(store, lambda: store.final_outcomes(since))
+    assert len(plans) == 4
+    assert "attempts USING INDEX attempts_by_provider" in plans[0]
+    assert "breaker_events USING INDEX breaker_events_by_provider" in plans[1]
+    assert "orders USING INDEX orders_by_provider" in plans[2]
+    assert "orders USING COVERING INDEX orders_final" in plans[3]
+    assert not [plan for plan in plans if "SCAN" in plan], plans

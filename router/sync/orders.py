@@ -12,7 +12,8 @@ Each provider has its own loop, so a slow or dead provider delays only its own o
 reads the provider's due orders a page of 100 at a time (one multi-status call per page), with
 at most `sync.calls_in_flight` calls in flight per provider, and applies each answer in one
 transaction. Orders younger than `sync.old_order_age` are due again `sync.status_interval`
-after a check, older ones `sync.old_order_interval` after.
+after a check, older ones `sync.old_order_interval` after. Each recorded cost corrects the
+fleet's spend of the day (router.fleet), which counted the order at its planned cost until then.
 
 A provider that a config reload removed while it still had open orders keeps its loop, its
 client and its settings (`retiring`) until it has none left (Store.open_work), so that those
@@ -33,6 +34,7 @@ import structlog
 
 from router import v2
 from router.config import Config
+from router.fleet import Fleet
 from router.metrics import Metrics
 from router.store import ActiveOrder, OpenRefill, StatusChange, StatusRecord, Store
 from router.upstream import StatusReading, UpstreamClient, UpstreamError, UpstreamStatus
@@ -89,12 +91,14 @@ class OrderSync:
         clients: Mapping[str, UpstreamClient],
         metrics: Metrics,
         *,
+        fleet: Fleet | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.clients = clients
         self.metrics = metrics
+        self.fleet = fleet  # told each recorded cost (the day's spend); None: nobody to tell
         self.clock = clock
         # Providers removed from the config while they had open orders -> when (unix time).
         self.retiring: Mapping[str, float] = {}
@@ -277,6 +281,13 @@ class OrderSync:
             for order in page
         ]
         changes = await self.store.record_statuses(records, checked_at=checked_at)
+        if self.fleet is not None:
+            for order, record in zip(page, records, strict=True):
+                if record.cost is not None:
+                    counted = order.cost if order.cost is not None else order.estimated_cost
+                    self.fleet.correct_spend(
+                        provider, record.cost - (counted or 0), created_at=order.created_at
+                    )
         for record in records:
             if record.status is None:
                 self.metrics.status_unreadable.labels(provider=provider).inc()

@@ -2,28 +2,34 @@
 
 Usage::
 
-    watcher = ProviderWatcher(config, store, clients, states, metrics)
-    await watcher.restore()            # at start-up: stored catalogues and benches
+    watcher = ProviderWatcher(config, store, clients, fleet, metrics)
+    await watcher.restore()            # at start-up: the fleet, catalogue sizes, last balances
     await watcher.balances_once()      # one pass; `run_balances()` loops (same for catalogues)
     watcher.reconfigure(config, clients, fresh={"beta"})               # a config reload
     rows = await provider_report(config, store, since=..., until=...)   # `smm-router providers`
     problems, probes = await check_online(config)                       # `check --online`
 
-Balances: every `sync.balance_interval` each provider's balance is read, stored and exported.
-A provider benched after `Not enough funds on balance` is back as soon as a read shows money came
-in (router.routing.after_balance), or after `sync.no_funds_backoff`. Benches are not stored as
-such: the attempts (`no_funds`) and the balance reads are, and replaying them gives the same
-state after a restart and in the CLI.
+Balances: every `sync.balance_interval` each provider's balance is read, stored and exported,
+and given to the fleet (router.fleet): a read that shows money came in lifts the funds bench.
+Each provider has its own loop, which also PROBES: when the provider's breaker is open, a
+`balance` call goes out as soon as its cooldown has passed (the loop wakes at `probe_at`, not
+at the next interval), and its answer closes the breaker (any answer: the provider is up) or
+reopens it (unreachable, ambiguous, HTTP 429). Orders are never probes.
 
 Catalogues: every `sync.catalogue_interval` each provider's `services` are fetched; what they say
-of each routed upstream service is stored, and a routed service they no longer list is skipped
+of each routed upstream service is stored, its rate goes to the fleet (the `cheapest` strategy
+and the margin floor cost orders with it), and a routed service they no longer list is skipped
 by routing. An answer that is an error, empty or unparseable changes nothing (the client raises
 for all of those). Neither does, once, a valid answer listing less than MIN_CATALOGUE_SHARE of
 the last accepted catalogue (a truncated or wrong-account answer would otherwise disable most
 routes at once): it is held back and accepted only when the next fetch lists the same services.
 
-Cost estimates are not stored: until a status answer records an order's real cost, the reports
-cost it at the catalogue rate of its route (Store.provider_margin).
+Every REFRESH_INTERVAL the fleet re-reads what the store knows better than memory: the quality
+outcomes, and the spend of a new UTC day.
+
+Until a status answer records an order's real cost, the `providers` report costs it at its
+route's catalogue rate now (Store.provider_margin); the spend cap counts it at the cost it was
+planned at (router.fleet).
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence, Set
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from typing import Final
@@ -41,10 +47,12 @@ from typing import Final
 import aiohttp
 import structlog
 
-from router import routing, v2
+from router import v2
 from router.config import Config, Service
+from router.fleet import Fleet, routed_services
+from router.health import State
 from router.metrics import CATALOGUE_OUTCOMES, Metrics
-from router.routing import HEALTHY, ProviderState
+from router.routing import to_base
 from router.store import (
     BalanceRead,
     CallLatency,
@@ -64,87 +72,30 @@ from router.upstream import (
 log = structlog.get_logger("router.sync.providers")
 
 MIN_CATALOGUE_SHARE: Final = 0.5
-BALANCE_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
+BALANCE_RETENTION_SECONDS: Final = 30 * 24 * 3600.0  # also of the breaker's transitions
 BALANCE_PRUNE_INTERVAL: Final = 3600.0
-
-
-def to_base(config: Config, currency: str) -> Decimal:
-    """What 1 unit of `currency` is worth in the config's currency (`fx`; config-checked)."""
-    return Decimal(1) if currency == config.currency else config.fx[currency]
-
-
-def routed_services(config: Config) -> dict[str, frozenset[int]]:
-    """The upstream services each provider's routes point at."""
-    routed: dict[str, set[int]] = {name: set() for name in config.providers}
-    for service in config.services.values():
-        for route in service.route:
-            routed.setdefault(route.provider, set()).add(route.service)
-    return {name: frozenset(services) for name, services in routed.items()}
-
-
-def bench_from_history(
-    no_funds_at: float | None, reads: Sequence[BalanceRead], *, backoff: float
-) -> ProviderState:
-    """Replay the last `Not enough funds` and the balance reads around it (one clock: unix).
-
-    `reads` are in time order; only the last one before the bench matters there.
-    """
-    state = HEALTHY
-    for read in reads:
-        if no_funds_at is not None and read.read_at >= no_funds_at:
-            break
-        state = routing.after_balance(state, read.balance, read_at=read.read_at)
-    if no_funds_at is None:
-        return state
-    state = routing.after_outcome(state, Outcome.NO_FUNDS, now=no_funds_at, backoff=backoff)
-    for read in reads:
-        if read.read_at >= no_funds_at:
-            state = routing.after_balance(state, read.balance, read_at=read.read_at)
-    return state
-
-
-async def stored_benches(
-    config: Config, store: Store, providers: Sequence[str]
-) -> dict[str, ProviderState]:
-    """Each provider's bench state as its stored attempts and balance reads say (unix clock)."""
-    last = await store.last_no_funds(providers)
-    states: dict[str, ProviderState] = {}
-    for name in providers:
-        since = last.get(name, math.inf)
-        reads = await store.balance_reads(name, since)
-        backoff = config.sync.no_funds_backoff
-        states[name] = bench_from_history(last.get(name), reads, backoff=backoff)
-    return states
+REFRESH_INTERVAL: Final = 60.0  # quality outcomes; the spend of a new UTC day
 
 
 # --- The loops -----------------------------------------------------------------------------------
 
 
 class ProviderWatcher:
-    """Reads balances and catalogues, stores them, and keeps routing's provider states current.
-
-    `states` is the dict the OrderDesk routes with (app key PROVIDER_STATES); its times are on
-    `clock` (monotonic), the stored ones on `wall` (unix).
-    """
+    """Reads balances and catalogues, stores them, and tells the fleet (router.fleet)."""
 
     def __init__(
         self,
         config: Config,
         store: Store,
         clients: Mapping[str, UpstreamClient],
-        states: MutableMapping[str, ProviderState],
+        fleet: Fleet,
         metrics: Metrics,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.clients = clients
-        self.states = states
+        self.fleet = fleet
         self.metrics = metrics
-        self.clock = clock
-        self.wall = wall
         self._routed = routed_services(config)
         self._sizes: dict[str, int] = {}  # services in each provider's last accepted catalogue
         self._held_back: dict[str, frozenset[int]] = {}  # a shrunken catalogue awaiting its repeat
@@ -154,22 +105,16 @@ class ProviderWatcher:
             self._export_provider(name)
 
     def _export_provider(self, name: str) -> None:
-        """The label sets and gauges of one provider (at start-up, or added by a reload)."""
-        metrics = self.metrics
-        for state in ("ok", "benched"):
-            gauge = metrics.provider_state.labels(provider=name, state=state)
-            gauge.set_function(partial(self._in_state, name, state == "benched"))
+        """The label sets and gauges of one provider (at start-up, or added by a reload); its
+        state gauges are the fleet's."""
         missing = partial(self._missing, name)
-        metrics.routes_missing.labels(provider=name).set_function(missing)
+        self.metrics.routes_missing.labels(provider=name).set_function(missing)
         for outcome in CATALOGUE_OUTCOMES:
-            metrics.catalogue_fetches.labels(provider=name, outcome=outcome)
+            self.metrics.catalogue_fetches.labels(provider=name, outcome=outcome)
 
     def _unexport_provider(self, name: str) -> None:
-        """Drop the gauges of a provider a reload removed: a state or a balance it no longer
-        has would read as current. Its counters stay (they only ever grow)."""
-        for state in ("ok", "benched"):
-            with contextlib.suppress(KeyError):
-                self.metrics.provider_state.remove(name, state)
+        """Drop the gauges of a provider a reload removed: a balance it no longer has would
+        read as current. Its counters stay (they only ever grow)."""
         with contextlib.suppress(KeyError):
             self.metrics.routes_missing.remove(name)
         if (currency := self._currencies.pop(name, None)) is not None:
@@ -182,9 +127,9 @@ class ProviderWatcher:
         """Watch the providers of `config` through `clients` from now on (a config reload).
 
         `fresh`: providers added, or whose URL, key or currency changed: what was learnt of
-        their catalogue size no longer holds (their routing state is dropped by the caller).
-        The loops end their pause now: new and changed providers are read at once, and new
-        intervals apply.
+        their catalogue size no longer holds (their health is reset by the fleet). The
+        catalogue loop ends its pause now, so new and changed providers are read at once; the
+        balance loops follow the fleet's `providers_changed`.
         """
         old = self.config
         self.config, self.clients = config, clients
@@ -206,66 +151,45 @@ class ProviderWatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), seconds)
 
-    def _state(self, name: str) -> ProviderState:
-        return self.states.get(name, HEALTHY)
-
-    def _in_state(self, name: str, benched: bool) -> float:
-        return float(self._state(name).benched(self.clock()) == benched)
-
     def _missing(self, name: str) -> float:
-        return float(len(self._state(name).missing))
+        found = self.fleet.health.get(name)
+        return 0.0 if found is None else float(len(found.missing))
 
     async def restore(self) -> None:
-        """Load the stored catalogues, benches and last balances (at start-up)."""
+        """Load what the store knows (at start-up): the fleet, catalogue sizes, last balances."""
+        await self.fleet.restore()
         self._sizes = {n: f.services for n, f in (await self.store.catalogue_fetches()).items()}
-        missing: dict[str, set[int]] = {}
-        for listing in await self.store.route_catalogue():
-            if not listing.present and listing.service in self._routed.get(listing.provider, ()):
-                missing.setdefault(listing.provider, set()).add(listing.service)
-        names = list(self.config.providers)
-        benches = await stored_benches(self.config, self.store, names)
-        shift = self.clock() - self.wall()  # unix time -> clock time
-        last_reads = await self.store.last_balances()
-        for name in names:
-            bench = benches[name]
-            if bench.benched_until:
-                bench = replace(
-                    bench,
-                    benched_until=bench.benched_until + shift,
-                    benched_at=bench.benched_at + shift,
-                )
-            self.states[name] = replace(bench, missing=frozenset(missing.get(name, ())))
-            if (read := last_reads.get(name)) is not None:
+        for name, read in (await self.store.last_balances()).items():
+            if name in self.config.providers:
                 self._export_balance(read)
 
     # --- balances ---------------------------------------------------------------------------------
 
     async def balances_once(self) -> None:
-        """Read every provider's balance once, at the same time."""
+        """Read every provider's balance once, at the same time (each also a probe)."""
         await asyncio.gather(*(self._balance(name) for name in self.clients))
 
     async def _balance(self, name: str) -> None:
-        sent_clock, sent_wall = self.clock(), self.wall()
+        sent_clock, sent_wall = self.fleet.clock(), self.fleet.wall()
         client = self.clients[name]
         try:
             amount, currency = await client.balance()
         except UpstreamError as exc:
             log.warning("provider_balance_failed", provider=name, error=exc.message)
+            if self.clients.get(name) is client:
+                await self.fleet.after_balance_error(name, exc)
             return
         if self.clients.get(name) is not client:
             return  # a reload removed or changed it meanwhile: this was the old account's
+        read = BalanceRead(name, v2.to_minor(amount), currency, sent_wall)
+        # The fleet first: a probe's answer must close the breaker even if it cannot be stored.
+        await self.fleet.after_balance(name, read.balance, sent_at=sent_clock)
         try:
-            read = BalanceRead(name, v2.to_minor(amount), currency, sent_wall)
             await self.store.record_balance(read)
         except Exception:
             log.exception("provider_balance_not_stored", provider=name)
             return
         self._export_balance(read)
-        before = self._state(name)
-        after = routing.after_balance(before, read.balance, read_at=sent_clock)
-        self.states[name] = after
-        if before.benched(self.clock()) and not after.benched(self.clock()):
-            log.info("provider_funds_back", provider=name, balance=v2.format_money(read.balance))
 
     def _export_balance(self, read: BalanceRead) -> None:
         old = self._currencies.get(read.provider)
@@ -276,17 +200,81 @@ class ProviderWatcher:
         gauge.set(read.balance / v2.MINOR_PER_UNIT)
 
     async def run_balances(self) -> None:
-        """Read balances every `sync.balance_interval` until cancelled; prune old reads."""
-        pruned_at = -math.inf
+        """A balance loop (reads and probes) per provider of `clients`, and the pruning, until
+        cancelled. The loops follow `clients` when the fleet's providers change (a reload)."""
+        loops: dict[str, asyncio.Task[None]] = {}
+        prune = asyncio.create_task(self._prune(), name="balance-prune")
+        changed = self.fleet.providers_changed
+        try:
+            while True:
+                changed.clear()
+                for name in self.clients:
+                    if name not in loops:
+                        loop = self._balance_loop(name)
+                        loops[name] = asyncio.create_task(loop, name=f"balance-{name}")
+                for name in [name for name in loops if name not in self.clients]:
+                    loops.pop(name).cancel()
+                await changed.wait()
+        finally:
+            for task in [*loops.values(), prune]:
+                task.cancel()
+            for task in [*loops.values(), prune]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _balance_loop(self, name: str) -> None:
+        """Read `name`'s balance every `sync.balance_interval`, and at its breaker's `probe_at`.
+
+        Woken when its breaker opens or closes, so a probe is never late. A probe whose answer
+        did not move the breaker (a read that crashed) is not repeated for the same opening.
+        """
+        moved = self.fleet.moved(name)
+        next_read = self.fleet.clock()
+        probed: float | None = None  # the probe_at the last read was sent for
+        while True:
+            moved.clear()  # before reading the breaker: a move from here on wakes the wait
+            now = self.fleet.clock()
+            probe_at = self.fleet.probe_at(name)
+            if probe_at is not None and probe_at == probed:
+                probe_at = None
+            due = next_read if probe_at is None else min(next_read, probe_at)
+            if now < due:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(moved.wait(), due - now)
+                continue
+            probed = probe_at if probe_at is not None and probe_at <= now else None
+            try:
+                await self._balance(name)
+            except Exception:
+                log.exception("balance_read_failed", provider=name)
+            next_read = self.fleet.clock() + self.config.sync.balance_interval
+
+    async def _prune(self) -> None:
+        """Forget old balance reads and breaker transitions, every BALANCE_PRUNE_INTERVAL."""
         while True:
             try:
-                await self.balances_once()
-                if self.clock() - pruned_at > BALANCE_PRUNE_INTERVAL:
-                    await self.store.prune_balances(self.wall() - BALANCE_RETENTION_SECONDS)
-                    pruned_at = self.clock()
+                older_than = self.fleet.wall() - BALANCE_RETENTION_SECONDS
+                await self.store.prune_balances(older_than)
+                await self.store.prune_breaker_events(older_than)
             except Exception:
-                log.exception("balance_pass_failed")
-            await self._pause(self.config.sync.balance_interval)
+                log.exception("balance_prune_failed")
+            await asyncio.sleep(BALANCE_PRUNE_INTERVAL)
+
+    # --- what the store knows better ------------------------------------------------------------
+
+    async def refresh_once(self) -> None:
+        """The fleet's quality outcomes from the store, and its spend on a new UTC day."""
+        await self.fleet.refresh_outcomes()
+        await self.fleet.seed_spend_on_a_new_day()
+
+    async def run_refresh(self) -> None:
+        """`refresh_once` every REFRESH_INTERVAL until cancelled."""
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)  # restore() has just read them
+            try:
+                await self.refresh_once()
+            except Exception:
+                log.exception("fleet_refresh_failed")
 
     # --- catalogues -------------------------------------------------------------------------------
 
@@ -295,7 +283,7 @@ class ProviderWatcher:
         await asyncio.gather(*(self._catalogue(name) for name in self.clients))
 
     async def _catalogue(self, name: str) -> None:
-        fetched_at = self.wall()
+        fetched_at = self.fleet.wall()
         client = self.clients[name]
         try:
             catalogue = await client.catalogue()
@@ -330,13 +318,15 @@ class ProviderWatcher:
             return
         self._sizes[name] = len(ids)
         self.metrics.catalogue_fetches.labels(provider=name, outcome="accepted").inc()
-        before = self._state(name).missing
+        found = self.fleet.health.get(name)
+        before = frozenset() if found is None else found.missing
         missing = routed - ids
         for service in sorted(missing - before):
             log.warning("upstream_service_gone", provider=name, upstream_service=service)
         for service in sorted(before - missing):
             log.info("upstream_service_back", provider=name, upstream_service=service)
-        self.states[name] = routing.with_missing(self.states.get(name), missing)
+        rates = {item.service: item.rate for item in listings if item.rate is not None}
+        self.fleet.set_catalogue(name, rates, missing)
 
     async def run_catalogues(self) -> None:
         """Fetch catalogues every `sync.catalogue_interval` until cancelled."""
@@ -379,7 +369,10 @@ class ProviderReport:
     add_attempts: int
     add_accepted: int
     latency: CallLatency
+    health: State  # healthy, open, half_open or benched (router.health)
     benched_until: float | None  # unix time, while benched
+    benched_from: int | None  # while benched: orders costing this or more skip it (minor units)
+    probe_at: float | None  # unix time, while its breaker is open: when a balance call probes it
     catalogue: CatalogueFetch | None  # None: no usable catalogue yet
     routes_gone: tuple[int, ...]  # routed upstream services its catalogue no longer lists
     balance: BalanceRead | None  # the last read
@@ -390,9 +383,10 @@ class ProviderReport:
 
     @property
     def state(self) -> str:
-        if self.benched_until is not None:
-            return "benched"
-        return "ok" if self.catalogue is not None else "catalogue missing"
+        """Its health state; a healthy provider without a usable catalogue yet says so."""
+        if self.health is not State.HEALTHY or self.catalogue is not None:
+            return str(self.health)
+        return "catalogue missing"
 
 
 async def provider_report(
@@ -403,10 +397,13 @@ async def provider_report(
     until: float = math.inf,
     now: float | None = None,
 ) -> list[ProviderReport]:
-    """One ProviderReport per configured provider, over orders and calls in [since, until)."""
+    """One ProviderReport per configured provider, over orders and calls in [since, until).
+
+    States are the fleet's as the store shows them at `now` (router.fleet.Fleet.restore).
+    """
     now = time.time() if now is None else now
-    names = list(config.providers)
-    benches = await stored_benches(config, store, names)
+    fleet = Fleet(config, store, clock=lambda: now, wall=lambda: now)
+    await fleet.restore()
     fetches = await store.catalogue_fetches()
     balances = await store.last_balances()
     routed = routed_services(config)
@@ -418,7 +415,8 @@ async def provider_report(
     for name, provider in config.providers.items():
         rate = to_base(config, provider.currency)
         outcomes = await store.add_outcomes(name, since=since, until=until)
-        bench = benches[name]
+        health = fleet.health[name]
+        benched = health.bench.active(now)
         rows.append(
             ProviderReport(
                 provider=name,
@@ -427,7 +425,10 @@ async def provider_report(
                 add_attempts=sum(outcomes.values()),
                 add_accepted=outcomes.get(str(Outcome.ACCEPTED), 0),
                 latency=await store.call_latency(name, since=since, until=until),
-                benched_until=bench.benched_until if bench.benched(now) else None,
+                health=health.state(now),
+                benched_until=health.bench.until if benched else None,
+                benched_from=health.bench.threshold if benched else None,
+                probe_at=health.breaker.probe_at,
                 catalogue=fetches.get(name),
                 routes_gone=tuple(gone.get(name, ())),
                 balance=balances.get(name),
