@@ -22,7 +22,7 @@ from router.app import ORDER_SYNC, PROVIDER_WATCHER, create_metrics_app
 from router.config import Limits
 from router.sim import Fault
 from tests.conftest import RouterFactory, SimFactory, free_port, service, wait_for
-from tests.test_deploy import COMING_METRICS, _exposed_names
+from tests.test_deploy import _exposed_names
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "smm-router.json"
@@ -146,7 +146,7 @@ def test_the_provider_variable_filters_every_provider_panel() -> None:
 
 
 def test_every_query_uses_grafana_windows_and_the_router_s_metric_names() -> None:
-    exposed = _exposed_names() | COMING_METRICS
+    exposed = _exposed_names()
     for where, expr in _queries():
         for window in re.findall(r"\[([^\]]+)\]", expr):
             assert window in ("$__rate_interval", "$__range"), f"{where}: fixed window [{window}]"

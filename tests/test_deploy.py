@@ -30,7 +30,6 @@ PROMETHEUS = DEPLOY / "prometheus"
 TOOL_TIMEOUT = 60  # seconds: promtool and systemd-analyze answer in well under one
 
 
-
 def _tool(name: str, install: str) -> str:
     path = shutil.which(name)
     if path is None:
