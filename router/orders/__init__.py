@@ -4,7 +4,7 @@ Usage::
 
     desk = OrderDesk(config, store, clients, metrics, fleet=fleet)
     order_id = await desk.add(reseller, params)        # raises V2Error
-    views = await desk.status(reseller, [1, 2, 3])
+    orders = await desk.orders(reseller, [1, 2, 3])    # id -> Order, the reseller's only
 
 Each order is planned before anything is reserved (router.fleet: provider health, catalogue
 costs, margin floors, spend caps, the service's strategy): when no route may take it, the
