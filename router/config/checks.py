@@ -1,317 +1,35 @@
-"""The routing table: YAML loaded into frozen dataclasses, every rule checked, errors by path."""
+"""Every rule of the config: each raw YAML value checked and built into its dataclass, by path."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import re
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
 from decimal import Decimal
-from enum import Enum, StrEnum
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode
-
 from router import v2
-
-CONFIG_VERSION_LENGTH: Final = 12
-CONFIG_ENV_VAR: Final = "SMM_ROUTER_CONFIG"
-DEFAULT_CONFIG_PATH: Final = Path("config/router.yaml")
-DEFAULT_UPSTREAM_TIMEOUT: Final = 15.0
-DEFAULT_STATUS_INTERVAL: Final = 60.0
-DEFAULT_BALANCE_INTERVAL: Final = 300.0
-DEFAULT_CATALOGUE_INTERVAL: Final = 3600.0
-DEFAULT_OLD_ORDER_AGE: Final = 24 * 3600.0
-DEFAULT_OLD_ORDER_INTERVAL: Final = 900.0
-DEFAULT_CALLS_IN_FLIGHT: Final = 2
-DEFAULT_NO_FUNDS_BACKOFF: Final = 600.0
-DEFAULT_ADD_PER_MINUTE: Final = 600
-DEFAULT_STATUS_PER_MINUTE: Final = 1200
-DEFAULT_OTHER_PER_MINUTE: Final = 600
-DEFAULT_IN_FLIGHT: Final = 32
-MAX_PER_MINUTE: Final = 1_000_000
-MAX_IN_FLIGHT: Final = 10_000
-DEFAULT_HEALTH_WINDOW: Final = 60.0
-DEFAULT_MIN_CALLS: Final = 5
-DEFAULT_FAILURE_RATIO: Final = Decimal("0.5")
-DEFAULT_COOLDOWN: Final = 30.0
-DEFAULT_MIN_MARGIN: Final = Decimal(0)
-MAX_MIN_CALLS: Final = 10_000
-MAX_WEIGHT: Final = 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class Secret:
-    """A secret string whose repr and str never show it."""
-
-    value: str = field(repr=False)
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    def __str__(self) -> str:
-        return "**********"
-
-
-@dataclass(frozen=True, slots=True)
-class Listener:
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class Provider:
-    name: str
-    url: str
-    key: Secret
-    timeout: float = DEFAULT_UPSTREAM_TIMEOUT
-    currency: str = "USD"
-    daily_spend_cap: Decimal | None = None  # in Config.currency, per UTC day; None: no cap
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    provider: str
-    service: int
-    weight: int | None = None  # the `weighted` strategy's share; required for weighted services
-
-
-class Strategy(StrEnum):
-    """How a service orders the routes that remain eligible for an order."""
-
-    RANKED = "ranked"  # as listed
-    CHEAPEST = "cheapest"  # by this order's live upstream cost, ties by rank
-    WEIGHTED = "weighted"  # the first at random by `weight`, the rest by rank
-    QUALITY = "quality"  # by delivered share over the last days, exploring a few orders
-
-
-class Inherit(Enum):
-    """The marker of a per-service key left out: the `routing:` default applies."""
-
-    INHERIT = "inherit"
-
-
-INHERIT: Final = Inherit.INHERIT
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    id: int
-    name: str
-    category: str
-    type: str
-    rate: Decimal  # per 1000, in Config.currency
-    min: int
-    max: int
-    refill: bool
-    cancel: bool
-    dripfeed: bool
-    route: tuple[Route, ...]
-    strategy: Strategy | None = None  # None: routing.strategy
-    # A share of the charge: INHERIT takes routing.min_margin; None (YAML null): no floor.
-    min_margin: Decimal | Inherit | None = INHERIT
-
-
-@dataclass(frozen=True, slots=True)
-class Sync:
-    status_interval: float = DEFAULT_STATUS_INTERVAL  # how often an active order is re-checked
-    old_order_age: float = DEFAULT_OLD_ORDER_AGE  # an active order older than this is "old"...
-    old_order_interval: float = DEFAULT_OLD_ORDER_INTERVAL  # ...and re-checked only this often
-    calls_in_flight: int = DEFAULT_CALLS_IN_FLIGHT  # sync calls at once, per provider
-    balance_interval: float = DEFAULT_BALANCE_INTERVAL
-    catalogue_interval: float = DEFAULT_CATALOGUE_INTERVAL
-    # After `Not enough funds on balance`, no orders to that provider for this long, unless a
-    # balance read shows it recovered first.
-    no_funds_backoff: float = DEFAULT_NO_FUNDS_BACKOFF
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per reseller key: requests per minute by action class, and requests at once."""
-
-    add: int = DEFAULT_ADD_PER_MINUTE
-    status: int = DEFAULT_STATUS_PER_MINUTE
-    other: int = DEFAULT_OTHER_PER_MINUTE  # every other action, unknown ones included
-    in_flight: int = DEFAULT_IN_FLIGHT
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """The breaker per provider, judged on its `add` calls."""
-
-    window: float = DEFAULT_HEALTH_WINDOW  # seconds of recent outcomes
-    min_calls: int = DEFAULT_MIN_CALLS  # no verdict on fewer calls than this in the window
-    failure_ratio: Decimal = DEFAULT_FAILURE_RATIO  # the failed share that opens the breaker
-    cooldown: float = DEFAULT_COOLDOWN  # seconds open before a `balance` call probes it
-
-
-@dataclass(frozen=True, slots=True)
-class Routing:
-    """The defaults of every service; each may override them."""
-
-    strategy: Strategy = Strategy.RANKED
-    # A route whose upstream cost for an order > charge x (1 - min_margin) is skipped.
-    min_margin: Decimal = DEFAULT_MIN_MARGIN
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen: Listener
-    metrics: Listener
-    database: Path  # absolute, resolved against the config file's folder
-    currency: str
-    providers: Mapping[str, Provider]
-    services: Mapping[int, Service]  # in the order of the file
-    fx: Mapping[str, Decimal] = field(default_factory=dict)
-    sync: Sync = field(default_factory=Sync)
-    limits: Limits = field(default_factory=Limits)
-    health: Health = field(default_factory=Health)
-    routing: Routing = field(default_factory=Routing)
-    # A short hash of the file it was read from: each order records the version that routed it,
-    # and a reload shows which one runs. Empty for a config built in code.
-    version: str = ""
-
-
-class ConfigError(Exception):
-    """The config cannot be used; `errors` holds every problem as `<path>: <message>`."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-class ConfigUnreadable(ConfigError):
-    """The config file cannot be read at all: missing, a folder, not permitted, not text."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__([f"{path}: cannot read: {reason}"])
-        self.path = path
-        self.reason = reason
-
-
-def default_config_path(env: Mapping[str, str] | None = None) -> Path:
-    """`$SMM_ROUTER_CONFIG` when set, else `config/router.yaml`."""
-    env = os.environ if env is None else env
-    return Path(env.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
-
-
-def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
-    """Read and check a config file; raise ConfigError listing every problem.
-
-    Usage: `config = load(default_config_path())`. `${VAR}` references are read from `env`
-    (default: the process environment); relative paths resolve against the file's folder.
-    """
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigUnreadable(file, exc.strerror or str(exc)) from None
-    except UnicodeDecodeError:
-        raise ConfigUnreadable(file, "not UTF-8 text") from None
-    env = os.environ if env is None else env
-    return _parse(text, base_dir=file.absolute().parent, env=env, source=str(file))
-
-
-def parse(data: str, *, base_dir: Path, env: Mapping[str, str]) -> Config:
-    """Check a config given as YAML text, as `load` does; `base_dir` anchors relative paths."""
-    return _parse(data, base_dir=base_dir, env=env, source="<string>")
-
-
-def _parse(text: str, *, base_dir: Path, env: Mapping[str, str], source: str) -> Config:
-    loader = _StrictLoader(text)
-    try:
-        raw = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: {_describe_yaml_error(exc)}"]) from None
-    finally:
-        loader.dispose()
-    try:
-        config = _config(raw, base_dir=base_dir, env=env)
-    except _Invalid as exc:
-        problems = [f"{path or '(top level)'}: {message}" for path, message in exc.problems]
-        raise ConfigError(loader.duplicates + problems) from None
-    if loader.duplicates:
-        raise ConfigError(loader.duplicates)
-    return replace(config, version=config_version(text))
-
-
-def config_version(text: str) -> str:
-    """The version of a config file's text: its SHA-256, shortened as git shortens commits."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:CONFIG_VERSION_LENGTH]
-
-
-# --- YAML ----------------------------------------------------------------------------------------
-
-_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that records duplicate mapping keys, which PyYAML would silently drop.
-
-    Each becomes `<path>: duplicate key on line N (first on line M)` in `duplicates`; `_parse`
-    refuses the document when there is any. Merge keys (`<<: *defaults`) still work: keys
-    written next to them override the merged ones, as YAML intends.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[str] = []
-        self._stack: list[str] = []  # the path of each node being composed
-        self._paths: dict[int, str] = {}  # id(mapping node) -> its path
-        self._pairs: dict[int, list[tuple[Node, Node]]] = {}  # as written, before merging
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        # `index` is the key node for a mapping value, the position for a list item.
-        path = self._stack[-1] if self._stack else ""
-        if isinstance(index, ScalarNode):
-            path = _join(path, index.value)
-        elif isinstance(index, int):
-            path = f"{path}[{index}]"
-        self._stack.append(path)
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._stack.pop()
-        if isinstance(node, MappingNode) and id(node) not in self._paths:
-            self._paths[id(node)] = path
-            self._pairs[id(node)] = list(node.value)
-        return node
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        first: dict[tuple[type, Hashable], int] = {}
-        for key_node, _ in self._pairs.get(id(node)) or node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                continue  # the base class refuses it, with its line
-            line = key_node.start_mark.line + 1
-            if (type(key), key) in first:
-                self.duplicates.append(
-                    f"{_join(self._paths.get(id(node), ''), key)}: duplicate key on line {line}"
-                    f" (first on line {first[type(key), key]})"
-                )
-            else:
-                first[type(key), key] = line
-        return super().construct_mapping(node, deep)
-
-
-def _describe_yaml_error(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-        if exc.context and exc.context_mark is not None:
-            where += f" ({exc.context} on line {exc.context_mark.line + 1})"
-        return where
-    return str(exc)
-
+from router.config.model import (
+    MAX_IN_FLIGHT,
+    MAX_MIN_CALLS,
+    MAX_PER_MINUTE,
+    MAX_WEIGHT,
+    Config,
+    Health,
+    Limits,
+    Listener,
+    Provider,
+    Route,
+    Routing,
+    Secret,
+    Service,
+    Strategy,
+    Sync,
+)
 
 # --- Checking ------------------------------------------------------------------------------------
 # A check takes a raw YAML value and returns it checked and converted, or raises _Invalid with
