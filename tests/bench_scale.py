@@ -118,7 +118,7 @@ class Figures:
     start_ups: list[float] = field(default_factory=list)
     sync_seconds: float = 0.0
     sync_changes: int = 0
-    rss_ready: int = 0  # kB, VmRSS once /healthz answered
+    rss_ready: int = 0  # kB, VmRSS once /healthz answered (the pass has just begun)
     rss_peak: int = 0  # kB, the highest VmRSS sampled during the pass
     hwm: int = 0  # kB, VmHWM at the end of the pass
     problems: list[str] = field(default_factory=list)
@@ -411,11 +411,15 @@ def rows(small: Figures, large: Figures) -> list[Row]:
         show: Callable[[Any], str],
         target: str = "",
         met: Callable[[Any, Any, float], bool] | None = None,
+        *,
+        compare: bool = True,
     ) -> None:
-        """`met` gets (small's value, large's value, their ratio)."""
+        """`met` gets (small's value, large's value, their ratio); `compare`: print the
+        ratio (not for a difference of two noisy figures)."""
         low, high = read(small), read(large)
         ratio = high / low if isinstance(low, int | float) and low else math.nan
         shown = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+        shown = shown if compare else ""
         verdict = "" if met is None else _yes(met(low, high, ratio))
         table.append(Row(figure, (show(low), show(high)), shown, target, verdict))
 
@@ -446,7 +450,12 @@ def rows(small: Figures, large: Figures) -> list[Row]:
             "< 1 s",
             lambda low, high, _r: max(low, high) < 1,
         )
-        add("  beyond --help", lambda f, n=name: f.reports[n] - f.reports["--help"], _s)
+        add(
+            "  beyond --help",
+            lambda f, n=name: f.reports[n] - f.reports["--help"],
+            _s,
+            compare=False,
+        )
     add("smm-router --help (wall, for scale)", lambda f: f.reports["--help"], _s)
     for label, read in (("/healthz", _healthz), ("/metrics", _metrics)):
         add(
@@ -465,7 +474,7 @@ def rows(small: Figures, large: Figures) -> list[Row]:
     )
     add("sync pass over the active orders", lambda f: f.sync_seconds, _s)
     add("  statuses it changed", lambda f: f.sync_changes, count)
-    add("server RSS at /healthz (VmRSS)", lambda f: f.rss_ready, _mb)
+    add("sync RSS: VmRSS at /healthz (pass begun)", lambda f: f.rss_ready, _mb)
     add(
         "sync RSS: peak VmRSS sampled",
         lambda f: f.rss_peak,
