@@ -1,16 +1,21 @@
 """Benchmark: the router against the yardstick of DESIGN.md, a bare aiohttp pass-through proxy.
 
-    make bench                      # or: .venv/bin/python -m tests.bench --orders 5000
+    make bench                      # or: .venv/bin/python -m tests.bench --seconds 8
 
 Starts, as separate processes on loopback, a simulated provider (answers at once), the router
 (`smm-router serve` on a fresh SQLite file) and a bare proxy that forwards each request to the
-simulator with one shared session. Then it fires `add`s at each with N concurrent connections
-and prints orders per second, and the rates of `status` (100 IDs), `services` and `balance`,
-which the router answers from SQLite and memory. It checks the ledger afterwards: the balance
-must equal the sum of the ledger and every order must be accounted for.
+simulator with one shared session. Then it measures both side by side, the proxy first and the
+router right after, with the same load generator (tests/bench_load.py: wrk when it is on PATH,
+else a Python one; the output names it): `add` over 64 connections and over one, `status` of
+100 IDs, `services` and `balance`. It prints every target of DESIGN.md "Performance" as a ratio
+against the proxy of the same run, in one table; a missed target is printed, not a failure.
+Latency percentiles come from the generator's timing of each request.
 
-Figures depend on the machine and on the load generator sharing its cores; compare the two
-columns of one run, not runs of different machines.
+Then it checks the ledger: the balance must equal the sum of the ledger and the starting
+balance less every placed order's charge, and every order must be placed. Exit 1 if not.
+
+Figures depend on the machine and on what else runs on its cores (the load average is printed):
+compare the two columns of one run, not runs of different machines.
 """
 
 from __future__ import annotations
@@ -20,21 +25,34 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Final
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
 
 from router import v2
-from router.store import Store
+from tests.bench_load import GENERATORS, WARM_UP_SECONDS, Load, describe, measure, resolve
 
-SIM_KEY = "bench-sim-key"
+SIM_KEY: Final = "bench-sim-key"
+START_BALANCE: Final = 100_000_000  # the bench reseller's, in `currency`
+CHARGE: Final = Decimal("0.1")  # quantity 100 at rate 1.00 per 1000
+IDS_PER_STATUS: Final = v2.MAX_IDS_PER_REQUEST
+DEFAULT_SECONDS: Final = 8.0
+DEFAULT_CONNECTIONS: Final = 64
+READY_POLL_SECONDS: Final = 0.01
+READY_TIMEOUT_SECONDS: Final = 60.0
+STOP_TIMEOUT_SECONDS: Final = 15.0
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: {api}}}
 metrics: {{host: 127.0.0.1, port: {metrics}}}
@@ -59,35 +77,57 @@ services:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
 
 
+@dataclass
+class Running:
+    """A child process and how long it took from its start until its ready URL answered."""
+
+    child: asyncio.subprocess.Process
+    ready_seconds: float
+
+
+async def wait_ready(url: str) -> None:
+    """Until a GET of `url` gets an HTTP answer (any status)."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as response:
+                    await response.read()
+                    return
+            except aiohttp.ClientError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{url} did not answer in {READY_TIMEOUT_SECONDS:.0f} s"
+                    ) from None
+                await asyncio.sleep(READY_POLL_SECONDS)
+
+
 @asynccontextmanager
-async def process(*argv: str, ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child process, up once `ready_url` answers; killed at exit."""
+async def process(
+    *argv: str, ready_url: str, stdout: int | None = asyncio.subprocess.DEVNULL
+) -> AsyncIterator[Running]:
+    """A child process, up once `ready_url` answers; stopped at exit."""
+    started = time.perf_counter()
     child = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        *argv, stdout=stdout, stderr=asyncio.subprocess.DEVNULL
     )
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(ready_url) as response:
-                        await response.read()
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError(f"{argv} did not come up")
-        yield child
+        await wait_ready(ready_url)
+        yield Running(child, time.perf_counter() - started)
     finally:
-        child.kill()
-        await child.wait()
+        if child.returncode is None:  # SIGTERM: the router stops as it does in production
+            child.terminate()
+        try:
+            await asyncio.wait_for(child.wait(), STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
 
 
 async def proxy_main(port: int, upstream: str) -> None:
@@ -116,37 +156,155 @@ async def proxy_main(port: int, upstream: str) -> None:
         await runner.cleanup()
 
 
-async def hammer(
-    url: str, requests: int, connections: int, fields: Callable[[int], dict[str, str]]
-) -> tuple[float, list[object]]:
-    """`requests` POSTs over `connections` concurrent connections: (requests/s, answers)."""
-    answers: list[object] = [None] * requests
-    next_index = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            for index in next_index:
-                async with session.post(url, data=fields(index)) as response:
-                    answers[index] = json.loads(await response.read())
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        elapsed = time.perf_counter() - started
-    return requests / elapsed, answers
+def form(**fields: str) -> str:
+    return urlencode(fields)
 
 
-async def run(orders: int, connections: int) -> int:
+async def post(url: str, body: str) -> object:
+    """One request, its JSON answer: the bench looks at an answer before it times many."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ) as response,
+    ):
+        return json.loads(await response.read())
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the closing table."""
+
+    name: str
+    measured: str
+    baseline: str
+    ratio: str
+    met: bool
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def per_second(rate: float) -> str:
+    return f"{rate:,.0f}/s"
+
+
+def targets(loads: dict[str, tuple[Load, Load]]) -> list[Target]:
+    """DESIGN.md "Performance", each as measured against the proxy's figure of the same run."""
+    proxy, router = loads["add, 64 connections"]
+    share, times = router.rate / proxy.rate, router.p99 / proxy.p99
+    rows = [
+        Target(
+            "add rate (64 conn.) >= 50% of pass-through",
+            per_second(router.rate),
+            per_second(proxy.rate),
+            f"{share:.0%}",
+            share >= 0.5,
+        ),
+        Target(
+            "add p99 (64 conn.) <= 2x pass-through",
+            ms(router.p99),
+            ms(proxy.p99),
+            f"{times:.2f}x",
+            times <= 2,
+        ),
+    ]
+    proxy, router = loads["add, 1 connection"]
+    extra = router.p50 - proxy.p50
+    rows.append(
+        Target(
+            "add p50 (1 conn.) <= pass-through + 1 ms",
+            f"{ms(router.p50)} ({extra * 1000:+.2f})",
+            ms(proxy.p50),
+            f"{router.p50 / proxy.p50:.2f}x",
+            extra <= 0.001,
+        )
+    )
+    proxy, router = loads["status, 100 IDs"]
+    rows.append(
+        Target(
+            "status (100 IDs) >= 1,000/s",
+            per_second(router.rate),
+            f"{per_second(proxy.rate)} (for scale)",
+            f"{router.rate / 1000:.0%} of 1,000/s",
+            router.rate >= 1000,
+        )
+    )
+    for action in ("services", "balance"):
+        proxy, router = loads[action]
+        share = router.rate / proxy.rate
+        rows.append(
+            Target(
+                f"{action} rate >= 50% of pass-through",
+                per_second(router.rate),
+                per_second(proxy.rate),
+                f"{share:.0%}",
+                share >= 0.5,
+            )
+        )
+    return rows
+
+
+def print_targets(rows: list[Target]) -> None:
+    header = ("target", "measured", "baseline", "ratio", "met")
+    cells = [
+        header,
+        *((r.name, r.measured, r.baseline, r.ratio, "yes" if r.met else "no") for r in rows),
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def print_load(name: str, who: str, load: Load) -> None:
+    failed = f", {load.failed} FAILED" if load.failed else ""
+    print(
+        f"  {name:<22} {who:<13} {load.rate:9,.0f}/s  p50 {ms(load.p50):>9}  "
+        f"p90 {ms(load.p90):>9}  p99 {ms(load.p99):>9}  "
+        f"({load.answers:,} answers in {load.seconds:.1f} s{failed})"
+    )
+
+
+def ledger_check(database: Path) -> tuple[bool, str]:
+    """The bench reseller's balance against its ledger and its placed orders."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        [(balance, ledger, placed, orders)] = db.execute(
+            "SELECT r.balance, (SELECT coalesce(sum(amount), 0) FROM ledger l "
+            "WHERE l.reseller_id = r.id), (SELECT count(*) FROM orders o "
+            "WHERE o.reseller_id = r.id AND o.state = 'placed'), (SELECT count(*) FROM orders o "
+            "WHERE o.reseller_id = r.id) FROM resellers r WHERE r.name = 'bench'"
+        ).fetchall()
+    expected = v2.to_minor(Decimal(START_BALANCE) - CHARGE * placed)
+    exact = balance == ledger == expected and placed == orders
+    text = (
+        f"orders: {orders:,}, placed: {placed:,}; balance {v2.format_money(balance)}, "
+        f"ledger sum {v2.format_money(ledger)}, expected {v2.format_money(expected)}: "
+        f"{'exact' if exact else 'NOT EXACT'}"
+    )
+    return exact, text
+
+
+async def run(seconds: float, connections: int, generator: str) -> int:
     python = sys.executable
+    generator = resolve(generator)
     with tempfile.TemporaryDirectory() as folder:
         ports = {name: free_port() for name in ("sim", "api", "metrics", "proxy")}
         config = Path(folder) / "bench.yaml"
-        config.write_text(CONFIG.format(database=Path(folder) / "bench.db", key=SIM_KEY, **ports))
+        database = Path(folder) / "bench.db"
+        config.write_text(CONFIG.format(database=database, key=SIM_KEY, **ports))
         cli = [python, "-m", "router"]
+        made = [*cli, "clients", "add", "bench", "--balance", str(START_BALANCE), "--json"]
         added = await asyncio.create_subprocess_exec(
-            *cli, "clients", "add", "bench", "--balance", "100000000", "--json",
-            "--config", str(config), stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            *made, "--config", str(config), stdout=asyncio.subprocess.PIPE
+        )
         out, _ = await added.communicate()
         key = json.loads(out)["key"]
         sim_url = f"http://127.0.0.1:{ports['sim']}/api/v2"
@@ -154,72 +312,123 @@ async def run(orders: int, connections: int) -> int:
         sim += ["--balance", "100000000", "--progress-seconds", "3600"]
         api = f"http://127.0.0.1:{ports['api']}/api/v2"
         proxy = f"http://127.0.0.1:{ports['proxy']}/api/v2"
-        add = {"action": "add", "service": "1", "link": "https://x.example/p", "quantity": "100"}
-
-        def router_add(_: int) -> dict[str, str]:
-            return {"key": key, **add}
-
-        def proxy_add(_: int) -> dict[str, str]:
-            return {"key": SIM_KEY, **add, "service": "101"}
-
+        add = {"action": "add", "link": "https://x.example/p", "quantity": "100"}
+        bodies: dict[str, tuple[str, str, bytes]] = {  # proxy's, router's, a good answer's text
+            "add": (
+                form(key=SIM_KEY, service="101", **add),
+                form(key=key, service="1", **add),
+                b'"order"',
+            ),
+            "services": (
+                form(key=SIM_KEY, action="services"),
+                form(key=key, action="services"),
+                b'"service"',
+            ),
+            "balance": (
+                form(key=SIM_KEY, action="balance"),
+                form(key=key, action="balance"),
+                b'"balance"',
+            ),
+        }
+        print(
+            f"load generator: {describe(generator)}; cores: {os.cpu_count()}; "
+            f"load average before: {load_average()}; {seconds:.0f} s per measurement "
+            f"after {WARM_UP_SECONDS:.0f} s of warm-up"
+        )
         async with (
             process(*sim, ready_url=sim_url),
-            process(*cli, "serve", "--config", str(config), ready_url=api.replace(
-                "/api/v2", "/healthz")),
-            process(python, "-m", "tests.bench", "--proxy", str(ports["proxy"]), sim_url,
-                    ready_url=proxy),
-        ):  # fmt: skip
-            await hammer(proxy, 200, connections, proxy_add)  # warm both up
-            await hammer(api, 200, connections, router_add)
-            proxy_rate, _ = await hammer(proxy, orders, connections, proxy_add)
-            router_rate, answers = await hammer(api, orders, connections, router_add)
-            ids = [a["order"] for a in answers if isinstance(a, dict) and "order" in a]
-            batch = ",".join(str(i) for i in ids[:100])
-            reads: dict[str, Callable[[int], dict[str, str]]] = {
-                "status (100 IDs)": lambda _: {"key": key, "action": "status", "orders": batch},
-                "services": lambda _: {"key": key, "action": "services"},
-                "balance": lambda _: {"key": key, "action": "balance"},
-            }
-            read_rates = {
-                name: (await hammer(api, orders, connections, fields))[0]
-                for name, fields in reads.items()
-            }
-        store = await Store.open(Path(folder) / "bench.db")
-        try:
-            reseller = await store.reseller_by_name("bench")
-            assert reseller is not None
-            ledger = await store.ledger_sum(reseller.id)
-            placed = (await store.count_orders(reseller.id)).get("placed", 0)
-        finally:
-            await store.close()
+            process(
+                *cli, "serve", "--config", str(config), ready_url=api.replace("/api/v2", "/healthz")
+            ),
+            process(
+                python,
+                "-m",
+                "tests.bench",
+                "--proxy",
+                str(ports["proxy"]),
+                sim_url,
+                ready_url=proxy,
+            ),
+        ):
+            loads: dict[str, tuple[Load, Load]] = {}
 
-    print(
-        f"orders per run: {orders}, concurrent connections: {connections}, cores: {os.cpu_count()}"
-    )
-    print(f"{'':24}{'per second':>12}")
-    print(f"{'bare proxy, add':24}{proxy_rate:12.0f}")
-    print(f"{'router, add':24}{router_rate:12.0f}   ({router_rate / proxy_rate:.0%} of the proxy)")
-    for name, rate in read_rates.items():
-        print(f"{'router, ' + name:24}{rate:12.0f}")
-    expected = Decimal(100_000_000) - Decimal("0.1") * placed
-    exact = ledger == reseller.balance == v2.to_minor(expected)
-    balance = v2.format_money(reseller.balance)
-    print(f"orders placed: {placed} of {orders + 200} sent; balance {balance}"
-          f" = ledger sum: {'yes' if exact else 'NO'}")  # fmt: skip
-    return 0 if exact and placed == orders + 200 else 1
+            async def pair(name: str, action: str, conns: int) -> None:
+                """The proxy, then the router at once: the same load, a moment apart."""
+                proxy_body, router_body, good = bodies[action]
+                measured = [
+                    await measure(
+                        url,
+                        [body],
+                        connections=conns,
+                        seconds=seconds,
+                        check=good,
+                        generator=generator,
+                    )
+                    for url, body in ((proxy, proxy_body), (api, router_body))
+                ]
+                loads[name] = (measured[0], measured[1])
+                print_load(name, "pass-through", measured[0])
+                print_load(name, "router", measured[1])
+
+            await pair("add, 64 connections", "add", connections)
+            await pair("add, 1 connection", "add", 1)
+            # The first 100 orders of each: every add before was placed (the ledger check says).
+            sim_ids = ",".join(str(1000 + n) for n in range(IDS_PER_STATUS))
+            ids = ",".join(str(1 + n) for n in range(IDS_PER_STATUS))
+            bodies["status"] = (
+                form(key=SIM_KEY, action="status", orders=sim_ids),
+                form(key=key, action="status", orders=ids),
+                b'"remains"',
+            )
+            for url, body in zip((proxy, api), bodies["status"][:2], strict=True):
+                answer = await post(url, body)
+                found = (
+                    [v for v in answer.values() if "status" in v]
+                    if isinstance(answer, dict)
+                    else []
+                )
+                if len(found) != IDS_PER_STATUS:
+                    print(f"status of {IDS_PER_STATUS} IDs at {url} found {len(found)}: {answer}")
+                    return 1
+            await pair("status, 100 IDs", "status", connections)
+            await pair("services", "services", connections)
+            await pair("balance", "balance", connections)
+        exact, ledger = ledger_check(database)
+    print(f"load average after: {load_average()}")
+    print()
+    print_targets(targets(loads))
+    print()
+    print(f"ledger: {ledger}")
+    return 0 if exact else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders", type=int, default=3000, help="requests per measurement")
-    parser.add_argument("--connections", type=int, default=64, help="concurrent connections")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=DEFAULT_SECONDS,
+        help="length of each measurement (after 1 s of warm-up)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=DEFAULT_CONNECTIONS,
+        help="concurrent connections of the loaded measurements",
+    )
+    parser.add_argument(
+        "--generator",
+        choices=GENERATORS,
+        default="auto",
+        help="load generator: wrk (when on PATH), python, or auto",
+    )
     parser.add_argument("--proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.proxy:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(proxy_main(int(args.proxy[0]), args.proxy[1]))
         return 0
-    return asyncio.run(run(args.orders, args.connections))
+    return asyncio.run(run(args.seconds, args.connections, args.generator))
 
 
 if __name__ == "__main__":
