@@ -7,6 +7,9 @@ import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -39,8 +42,23 @@ async def _read_until_curl(stdout: asyncio.StreamReader) -> list[str]:
     return lines
 
 
-async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
-    config = _demo_config(tmp_path)
+@dataclass
+class Demo:
+    """A running `smm-router demo` process and what it printed up to its curl line."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str]
+
+    @property
+    def curl(self) -> str:
+        """The printed `curl` line that places an order."""
+        return next(line for line in self.lines if "action=add" in line)
+
+
+@asynccontextmanager
+async def running_demo(config: Path, *args: str) -> AsyncIterator[Demo]:
+    """`python -m router demo --config CONFIG ARGS` until its curl line; Ctrl-C at the end (it
+    must then exit 0, as `make demo` does)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -48,6 +66,7 @@ async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
         "demo",
         "--config",
         str(config),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -56,7 +75,21 @@ async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         lines = await asyncio.wait_for(_read_until_curl(process.stdout), READY_WITHIN)
-        curl = next(line for line in lines if "action=add" in line)
+        yield Demo(process, lines)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    assert process.returncode == 0
+
+
+async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
+    async with running_demo(_demo_config(tmp_path)) as demo:
+        curl = demo.curl
         found = re.search(r"curl -s (\S+) -d key=(\S+) ", curl)
         assert found, curl
         api, key = found.groups()
@@ -72,37 +105,12 @@ async def test_demo_places_an_order_through_a_failover(tmp_path: Path) -> None:
                 balance = await r.json()
             # 100 to start, minus service 1 at 0.90 per 1000 for its minimum of 50.
             assert balance == {"balance": "99.955", "currency": "USD"}
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    assert process.returncode == 0
 
 
 async def test_demo_port_moves_every_port_and_says_which(tmp_path: Path) -> None:
-    config = _demo_config(tmp_path)
     base = free_block(5)  # the API, metrics, the three simulated providers
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "demo",
-        "--config",
-        str(config),
-        "--port",
-        str(base),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=REPO,
-    )
-    try:
-        assert process.stdout is not None
-        printed = "".join(await asyncio.wait_for(_read_until_curl(process.stdout), READY_WITHIN))
+    async with running_demo(_demo_config(tmp_path), "--port", str(base)) as demo:
+        printed = "".join(demo.lines)
         for name, port in (("alpha", base + 2), ("beta", base + 3), ("gamma", base + 4)):
             assert f"provider {name}: simulated at http://127.0.0.1:{port}/api/v2" in printed
         assert f"router API: http://127.0.0.1:{base}/api/v2" in printed
@@ -120,12 +128,3 @@ async def test_demo_port_moves_every_port_and_says_which(tmp_path: Path) -> None
                 f"http://127.0.0.1:{base}/api/v2", data={**params, "quantity": "50"}
             ) as response:
                 assert await response.json() == {"order": 1}
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    assert process.returncode == 0

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from router.cli import main
-from tests.test_demo import READY_WITHIN, REPO, _demo_config, _read_until_curl
+from tests.test_demo import _demo_config, running_demo
 
 
 async def routes(config: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
@@ -37,22 +34,8 @@ async def test_five_orders_open_the_flaky_providers_breaker_and_routes_shows_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _demo_config(tmp_path)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "demo",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=REPO,
-    )
-    try:
-        assert process.stdout is not None
-        lines = await asyncio.wait_for(_read_until_curl(process.stdout), READY_WITHIN)
-        curl = next(line for line in lines if "action=add" in line)
+    async with running_demo(config) as demo:
+        curl = demo.curl
         found = re.search(r"curl -s (\S+) ", curl)
         assert found, curl
         params = dict(re.findall(r"-d (\w+)=(\S+)", curl))
@@ -64,12 +47,3 @@ async def test_five_orders_open_the_flaky_providers_breaker_and_routes_shows_it(
                     answers.append(await response.json())
         assert [answer["order"] for answer in answers] == [1, 2, 3, 4, 5]  # held ones too
         assert states(await routes(config, capsys)) == [("alpha", "healthy"), ("gamma", "open")]
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    assert process.returncode == 0
