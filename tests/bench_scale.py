@@ -5,19 +5,23 @@
 For each size, a fresh database: five resellers made with `smm-router clients add`, then the
 orders filled with SQL through the real schema (tests/bench_fill.py: mostly Completed, 10%
 active, some failed, Partial and Canceled with their refunds in the ledger, 0.1% held, at three
-providers). One simulator (a separate process) is the upstream of all three providers and knows
-every active order. Then, with the real server (`smm-router serve`) running:
+providers). Each size has its simulator (a separate process), the upstream of all three
+providers, which knows every active order, and its server (`smm-router serve`). Both servers
+run at once, idle but for what is measured, and the sizes take turns, so that a burst of load
+from elsewhere on the machine falls on both sides of a ratio rather than on one:
 
-- `status` of one ID (random orders of one reseller, one connection): p50 of every request;
-- `status` of 100 IDs (random, 64 connections): answers per second;
+- `status` of one ID (random orders of one reseller, one connection): p50 of every request of a
+  round, the median of ROUNDS rounds;
+- `status` of 100 IDs (random, 64 connections): answers per second, the median of ROUNDS;
 - `smm-router providers`, `clients list`, `orders held` with `--json`, each a subprocess timed
   from its start to its exit (median of 3), beside `smm-router --help` (the interpreter and
   imports alone, for scale); their JSON is checked against what was filled;
 - `/healthz` and a `/metrics` scrape: p50 of 40 one after another;
-- start-up: from `smm-router serve`'s start until /healthz answers (median of 3 starts);
-- the sync: every active order made due, the server started, and its memory read from
-  /proc/PID/status while the first pass works through them all: VmRSS sampled every 20 ms
-  (its peak) and VmHWM (the kernel's high-water mark of the process) when the pass ends.
+- start-up: from `smm-router serve`'s start until /healthz answers (median of 3 starts, the
+  other server stopped);
+- the sync, one size after the other: every active order made due, the server started, and its
+  memory read from /proc/PID/status while its first pass works through them all: VmRSS sampled
+  every 20 ms (its peak) and VmHWM (the kernel's high-water mark of the process) at its end.
 
 Each figure at both sizes with the ratio and DESIGN.md's target. A missed target is printed,
 not a failure; the ledger (every balance = its ledger sum = what was filled, before and after
@@ -30,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import random
 import re
 import sqlite3
@@ -38,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -65,10 +68,12 @@ from tests.bench_fill import (
     make_active_due,
 )
 from tests.bench_load import GENERATORS, describe, measure, resolve, timed_gets
+from tests.bench_scale_table import HELP, REPORTS, Figures, print_rows, rows
 
 SIM_KEY: Final = "bench-scale-sim-key"
 DEFAULT_SIZES: Final = (10_000, 1_000_000)
-DEFAULT_SECONDS: Final = 5.0
+DEFAULT_SECONDS: Final = 3.0
+ROUNDS: Final = 3
 STATUS_CONNECTIONS: Final = 64
 STATUS_BODIES: Final = 200  # distinct requests cycled, each of random orders
 REPORT_RUNS: Final = 3
@@ -79,7 +84,6 @@ SYNC_POLL_SECONDS: Final = 0.25
 SYNC_TIMEOUT_SECONDS: Final = 600.0
 CATALOGUE_WAIT_SECONDS: Final = 30.0
 SEED: Final = 8
-RSS_TARGET_KB: Final = 200 * 1024
 CONFIG: Final = """\
 listen: {{host: 127.0.0.1, port: {api}}}
 metrics: {{host: 127.0.0.1, port: {metrics}}}
@@ -102,32 +106,6 @@ services:
 """
 
 
-@dataclass
-class Figures:
-    """One size's measurements; seconds unless named otherwise."""
-
-    orders: int
-    active: int
-    filled: float = 0.0
-    status_p50: float = 0.0
-    status_answers: int = 0
-    status100_rate: float = 0.0
-    reports: dict[str, float] = field(default_factory=dict)
-    healthz_p50: float = 0.0
-    metrics_p50: float = 0.0
-    start_ups: list[float] = field(default_factory=list)
-    sync_seconds: float = 0.0
-    sync_changes: int = 0
-    rss_ready: int = 0  # kB, VmRSS once /healthz answered (the pass has just begun)
-    rss_peak: int = 0  # kB, the highest VmRSS sampled during the pass
-    hwm: int = 0  # kB, VmHWM at the end of the pass
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def start_up(self) -> float:
-        return statistics.median(self.start_ups)
-
-
 # --- the simulator -------------------------------------------------------------------------------
 
 
@@ -141,6 +119,100 @@ async def sim_main(port: int, key: str, active: int) -> None:
         await asyncio.Event().wait()
     finally:
         await sim.stop()
+
+
+# --- one size: its database, simulator and server ------------------------------------------------
+
+
+@dataclass
+class Site:
+    """One size: where its files and listeners are, what it must hold, what was measured."""
+
+    count: int
+    folder: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    keys: dict[int, str] = field(default_factory=dict)  # reseller ID -> API key
+    names: dict[int, str] = field(default_factory=dict)
+    expected: Expected | None = None
+    single: list[str] = field(default_factory=list)  # status bodies: one ID, 100 IDs
+    hundred: list[str] = field(default_factory=list)
+    figures: Figures = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ports = {name: free_port() for name in ("sim", "api", "metrics")}
+        self.figures = Figures(self.count, active_count(self.count))
+
+    @property
+    def database(self) -> Path:
+        return self.folder / f"scale-{self.count}.db"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / f"scale-{self.count}.yaml"
+
+    def url(self, name: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}{path}"
+
+    @property
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "router"]
+
+    def command(self, *words: str) -> list[str]:
+        return [*self.cli, *words, "--config", str(self.config)]
+
+    def sim(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        argv = [sys.executable, "-m", "tests.bench_scale", "--sim", str(self.ports["sim"])]
+        argv += [SIM_KEY, str(self.figures.active)]
+        return process(*argv, ready_url=self.url("sim", "/api/v2"))
+
+    def server(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return process(*self.command("serve"), ready_url=self.url("api", "/healthz"))
+
+
+async def prepare(folder: Path, count: int) -> Site:
+    """A fresh database of `count` orders, its config and the status requests to time."""
+    site = Site(count, folder)
+    sim_url = site.url("sim", "/api/v2")
+    site.config.write_text(
+        CONFIG.format(
+            database=site.database,
+            service=SERVICE,
+            api=site.ports["api"],
+            metrics=site.ports["metrics"],
+            providers="\n".join(
+                f'  {p}: {{url: "{sim_url}", key: {SIM_KEY}, timeout: 10}}' for p in PROVIDERS
+            ),
+            route="\n".join(
+                f"      - {{provider: {p}, service: {UPSTREAM_SERVICE}}}" for p in PROVIDERS
+            ),
+        )
+    )
+    for name in RESELLERS:
+        _, out = await timed_command(
+            site.command("clients", "add", name, "--balance", str(TOPUP), "--json")
+        )
+        made = json.loads(out)
+        site.keys[made["id"]], site.names[made["id"]] = made["key"], name
+    site.expected = fill(site.database, count, sorted(site.keys), due_at=time.time() + NOT_DUE)
+    site.figures.filled = site.expected.filled
+    print(f"{count:,} orders: filled in {site.expected.filled:.1f} s", flush=True)
+    ok, lines = ledger_check(site.database, site.expected)
+    if not ok:
+        site.figures.problems += [f"after the fill: {line}" for line in lines]
+    # Status of one reseller's orders that it was told about (not failed), at random.
+    mine = [
+        i for i in range(1, count + 1) if (i // 7) % len(site.keys) == 0 and kind(i) != "failed"
+    ]
+    rng = random.Random(SEED)
+    key = site.keys[min(site.keys)]
+    site.single = [
+        f"key={key}&action=status&order={rng.choice(mine)}" for _ in range(STATUS_BODIES)
+    ]
+    site.hundred = [
+        f"key={key}&action=status&orders=" + ",".join(map(str, rng.sample(mine, 100)))
+        for _ in range(STATUS_BODIES)
+    ]
+    return site
 
 
 # --- what the server shows -----------------------------------------------------------------------
@@ -199,40 +271,29 @@ async def timed_command(argv: Sequence[str]) -> tuple[float, bytes]:
     return took, out
 
 
-REPORTS: Final = {
-    "providers": ("providers",),
-    "clients list": ("clients", "list"),
-    "orders held": ("orders", "held"),
-}
-
-
-async def time_reports(
-    cli: Sequence[str], with_config: Sequence[str]
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Each report's JSON, and the seconds of each of its REPORT_RUNS runs; `--help` runs
-    between them, so that the interpreter's own start is measured under the same load."""
+async def time_reports(site: Site) -> dict[str, Any]:
+    """One run of each report (its JSON), each followed by `--help`, so that the interpreter's
+    own start is measured under the same load; the seconds go to the site's figures."""
     documents: dict[str, Any] = {}
-    runs: dict[str, list[float]] = {name: [] for name in [*REPORTS, "--help"]}
-    for _ in range(REPORT_RUNS):
-        for name, argv in REPORTS.items():
-            took, out = await timed_command([*cli, *argv, "--json", *with_config])
-            runs[name].append(took)
-            documents[name] = json.loads(out)
-            took, _ = await timed_command([*cli, "--help"])
-            runs["--help"].append(took)
-    return documents, runs
+    for name, words in REPORTS.items():
+        took, out = await timed_command(site.command(*words, "--json"))
+        site.figures.report_runs[name].append(took)
+        documents[name] = json.loads(out)
+        took, _ = await timed_command([*site.cli, HELP])
+        site.figures.report_runs[HELP].append(took)
+    return documents
 
 
-def check_reports(
-    documents: dict[str, Any], expected: Expected, names: dict[int, str]
-) -> list[str]:
+def check_reports(documents: dict[str, Any], site: Site) -> list[str]:
     """What each report printed, against what was filled (the sync has not run yet)."""
+    expected = site.expected
+    assert expected is not None
     problems = []
     held = documents["orders held"]
     if len(held) != expected.kinds.get("held", 0):
         problems.append(f"orders held lists {len(held)}, filled {expected.kinds.get('held', 0)}")
     listed = {row["name"]: row for row in documents["clients list"]}
-    for rid, name in names.items():
+    for rid, name in site.names.items():
         row = listed.get(name)
         want = (v2.format_money(expected.balances[rid]), expected.shown[rid])
         got = None if row is None else (row["balance"], row["orders"])
@@ -261,251 +322,84 @@ def wait_for_catalogues(database: Path) -> None:
     raise RuntimeError("the server did not store the providers' catalogues")
 
 
-# --- one size ------------------------------------------------------------------------------------
+# --- the phases, the sizes taking turns ----------------------------------------------------------
 
 
-async def one_size(folder: Path, count: int, generator: str, seconds: float) -> Figures:
-    python = sys.executable
-    ports = {name: free_port() for name in ("sim", "api", "metrics")}
-    sim_url = f"http://127.0.0.1:{ports['sim']}/api/v2"
-    database = folder / f"scale-{count}.db"
-    config = folder / f"scale-{count}.yaml"
-    config.write_text(
-        CONFIG.format(
-            database=database,
-            service=SERVICE,
-            api=ports["api"],
-            metrics=ports["metrics"],
-            providers="\n".join(
-                f'  {p}: {{url: "{sim_url}", key: {SIM_KEY}, timeout: 10}}' for p in PROVIDERS
-            ),
-            route="\n".join(
-                f"      - {{provider: {p}, service: {UPSTREAM_SERVICE}}}" for p in PROVIDERS
-            ),
-        )
-    )
-    cli = [python, "-m", "router"]
-    with_config = ["--config", str(config)]
-    figures = Figures(count, active_count(count))
-    keys: dict[int, str] = {}
-    names: dict[int, str] = {}
-    for name in RESELLERS:
-        _, out = await timed_command(
-            [*cli, "clients", "add", name, "--balance", str(TOPUP), "--json", *with_config]
-        )
-        made = json.loads(out)
-        keys[made["id"]], names[made["id"]] = made["key"], name
-    expected = fill(database, count, sorted(keys), due_at=time.time() + NOT_DUE)
-    figures.filled = expected.filled
-    print(f"{count:,} orders: filled in {expected.filled:.1f} s", flush=True)
-    ok, lines = ledger_check(database, expected)
-    if not ok:
-        figures.problems += [f"after the fill: {line}" for line in lines]
-
-    # Status of one reseller's orders that it was told about (not failed), at random.
-    first = min(keys)
-    mine = [i for i in range(1, count + 1) if (i // 7) % len(keys) == 0 and kind(i) != "failed"]
-    rng = random.Random(SEED)
-    key = keys[first]
-    single = [f"key={key}&action=status&order={rng.choice(mine)}" for _ in range(STATUS_BODIES)]
-    hundred = [
-        f"key={key}&action=status&orders=" + ",".join(map(str, rng.sample(mine, 100)))
-        for _ in range(STATUS_BODIES)
-    ]
-    api = f"http://127.0.0.1:{ports['api']}/api/v2"
-    healthz = f"http://127.0.0.1:{ports['api']}/healthz"
-    metrics = f"http://127.0.0.1:{ports['metrics']}/metrics"
-    serve = [*cli, "serve", *with_config]
-
-    sim = [
-        python,
-        "-m",
-        "tests.bench_scale",
-        "--sim",
-        str(ports["sim"]),
-        SIM_KEY,
-        str(figures.active),
-    ]
-    async with process(*sim, ready_url=sim_url):
-        async with process(*serve, ready_url=healthz) as server:
-            figures.start_ups.append(server.ready_seconds)
-            await asyncio.to_thread(wait_for_catalogues, database)
-            answer = await post(api, hundred[0])
+async def while_serving(sites: list[Site], generator: str, seconds: float) -> None:
+    """Both servers up (the first start of each timed, one at a time): status, probes, reports."""
+    async with contextlib.AsyncExitStack() as servers:
+        for site in sites:
+            started = await servers.enter_async_context(site.server())
+            site.figures.start_ups.append(started.ready_seconds)
+        for site in sites:
+            await asyncio.to_thread(wait_for_catalogues, site.database)
+            answer = await post(site.url("api", "/api/v2"), site.hundred[0])
             found = (
                 [v for v in answer.values() if "status" in v] if isinstance(answer, dict) else []
             )
             if len(found) != 100:
-                figures.problems.append(f"status of 100 IDs found {len(found)}: {answer}")
-            figures.healthz_p50 = statistics.median(await timed_gets(healthz, PROBES))
-            figures.metrics_p50 = statistics.median(await timed_gets(metrics, PROBES))
-            load = await measure(
-                api, single, connections=1, seconds=seconds, check=b'"status"', generator=generator
+                site.figures.problems.append(f"status of 100 IDs found {len(found)}: {answer}")
+        for site in sites:
+            figures = site.figures
+            figures.healthz_p50 = statistics.median(
+                await timed_gets(site.url("api", "/healthz"), PROBES)
             )
-            figures.status_p50, figures.status_answers = load.p50, load.answers
-            if load.failed:
-                figures.problems.append(f"status of one ID: {load.failed} failed answers")
-            load = await measure(
-                api,
-                hundred,
-                connections=STATUS_CONNECTIONS,
-                seconds=seconds,
-                check=b'"status"',
-                generator=generator,
+            figures.metrics_p50 = statistics.median(
+                await timed_gets(site.url("metrics", "/metrics"), PROBES)
             )
-            figures.status100_rate = load.rate
-            if load.failed:
-                figures.problems.append(f"status of 100 IDs: {load.failed} failed answers")
-            documents, runs = await time_reports(cli, with_config)
-            figures.reports = {name: statistics.median(took) for name, took in runs.items()}
-            figures.problems += check_reports(documents, expected, names)
-        for _ in range(START_RUNS - 1):
-            async with process(*serve, ready_url=healthz) as server:
-                figures.start_ups.append(server.ready_seconds)
-
-        due = make_active_due(database)
-        if due != figures.active:
-            figures.problems.append(f"{due} active orders made due, filled {figures.active}")
-        async with process(*serve, ready_url=healthz) as server:
-            await watch_sync(server.child.pid, metrics, figures)
-        ok, lines = ledger_check(database, expected, synced=True)
-        if not ok:
-            figures.problems += [f"after the sync: {line}" for line in lines]
-    return figures
-
-
-# --- the table -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    figure: str
-    values: tuple[str, str]
-    ratio: str
-    target: str
-    met: str
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
+        for _ in range(ROUNDS):
+            for site in sites:
+                figures, api = site.figures, site.url("api", "/api/v2")
+                load = await measure(
+                    api,
+                    site.single,
+                    connections=1,
+                    seconds=seconds,
+                    check=b'"status"',
+                    generator=generator,
+                )
+                figures.status_p50s.append(load.p50)
+                figures.status_answers += load.answers
+                if load.failed:
+                    figures.problems.append(f"status of one ID: {load.failed} failed answers")
+                load = await measure(
+                    api,
+                    site.hundred,
+                    connections=STATUS_CONNECTIONS,
+                    seconds=seconds,
+                    check=b'"status"',
+                    generator=generator,
+                )
+                figures.status100_rates.append(load.rate)
+                if load.failed:
+                    figures.problems.append(f"status of 100 IDs: {load.failed} failed answers")
+        documents: list[dict[str, Any]] = [{} for _ in sites]  # each site's last run's
+        for _ in range(REPORT_RUNS):
+            for index, site in enumerate(sites):
+                documents[index] = await time_reports(site)
+        for index, site in enumerate(sites):
+            site.figures.problems += check_reports(documents[index], site)
 
 
-def _s(seconds: float) -> str:
-    return f"{seconds:.2f} s"
+async def start_ups(sites: list[Site]) -> None:
+    """The other starts of each server, the sizes taking turns, one server up at a time."""
+    for _ in range(START_RUNS - 1):
+        for site in sites:
+            async with site.server() as started:
+                site.figures.start_ups.append(started.ready_seconds)
 
 
-def _mb(kb: int) -> str:
-    return f"{kb / 1024:.0f} MB"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def rows(small: Figures, large: Figures) -> list[Row]:
-    """The table: each figure at both sizes, the ratio large / small, the target, met."""
-    table: list[Row] = []
-
-    def add(
-        figure: str,
-        read: Callable[[Figures], Any],
-        show: Callable[[Any], str],
-        target: str = "",
-        met: Callable[[Any, Any, float], bool] | None = None,
-        *,
-        compare: bool = True,
-    ) -> None:
-        """`met` gets (small's value, large's value, their ratio); `compare`: print the
-        ratio (not for a difference of two noisy figures)."""
-        low, high = read(small), read(large)
-        ratio = high / low if isinstance(low, int | float) and low else math.nan
-        shown = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
-        shown = shown if compare else ""
-        verdict = "" if met is None else _yes(met(low, high, ratio))
-        table.append(Row(figure, (show(low), show(high)), shown, target, verdict))
-
-    count = "{:,}".format
-    add("orders", lambda f: f.orders, count)
-    add("  of them active", lambda f: f.active, count)
-    add("fill (SQL, one transaction)", lambda f: f.filled, _s)
-    add(
-        "status, 1 ID: p50 (1 conn.)",
-        lambda f: f.status_p50,
-        _ms,
-        "within 2x",
-        lambda _low, _high, r: r <= 2,
-    )
-    add("  requests timed for that p50", lambda f: f.status_answers, count)
-    add(
-        f"status, 100 IDs: rate ({STATUS_CONNECTIONS} conn.)",
-        lambda f: f.status100_rate,
-        "{:,.0f}/s".format,
-        "within 1.5x (>= 0.67x)",
-        lambda _low, _high, r: r >= 1 / 1.5,
-    )
-    for name in REPORTS:
-        add(
-            f"smm-router {name} --json (wall)",
-            lambda f, n=name: f.reports[n],
-            _s,
-            "< 1 s",
-            lambda low, high, _r: max(low, high) < 1,
-        )
-        add(
-            "  beyond --help",
-            lambda f, n=name: f.reports[n] - f.reports["--help"],
-            _s,
-            compare=False,
-        )
-    add("smm-router --help (wall, for scale)", lambda f: f.reports["--help"], _s)
-    for label, read in (("/healthz", _healthz), ("/metrics", _metrics)):
-        add(
-            f"{label}: p50 of {PROBES}",
-            read,
-            _ms,
-            "< 20 ms",
-            lambda low, high, _r: max(low, high) < 0.020,
-        )
-    add(
-        f"start-up to /healthz (median of {START_RUNS})",
-        lambda f: f.start_up,
-        _s,
-        "no scan: flat (within 1.25x)",
-        lambda _low, _high, r: r <= 1.25,
-    )
-    add("sync pass over the active orders", lambda f: f.sync_seconds, _s)
-    add("  statuses it changed", lambda f: f.sync_changes, count)
-    add("sync RSS: VmRSS at /healthz (pass begun)", lambda f: f.rss_ready, _mb)
-    add(
-        "sync RSS: peak VmRSS sampled",
-        lambda f: f.rss_peak,
-        _mb,
-        "<= 200 MB",
-        lambda low, high, _r: max(low, high) <= RSS_TARGET_KB,
-    )
-    add(
-        "sync RSS: VmHWM at the pass's end",
-        lambda f: f.hwm,
-        _mb,
-        "<= 200 MB",
-        lambda low, high, _r: max(low, high) <= RSS_TARGET_KB,
-    )
-    return table
-
-
-def _healthz(figures: Figures) -> float:
-    return figures.healthz_p50
-
-
-def _metrics(figures: Figures) -> float:
-    return figures.metrics_p50
-
-
-def print_rows(table: list[Row], sizes: tuple[int, int]) -> None:
-    header = ("figure", f"{sizes[0]:,} orders", f"{sizes[1]:,} orders", "ratio", "target", "met")
-    cells = [header, *((r.figure, *r.values, r.ratio, r.target, r.met) for r in table)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+async def sync_pass(site: Site) -> None:
+    """Every active order due, a fresh server, its memory until its first pass has ended."""
+    due = make_active_due(site.database)
+    if due != site.figures.active:
+        site.figures.problems.append(f"{due} active orders made due, filled {site.figures.active}")
+    async with site.server() as started:
+        await watch_sync(started.child.pid, site.url("metrics", "/metrics"), site.figures)
+    assert site.expected is not None
+    ok, lines = ledger_check(site.database, site.expected, synced=True)
+    if not ok:
+        site.figures.problems += [f"after the sync: {line}" for line in lines]
 
 
 async def run(sizes: tuple[int, int], generator: str, seconds: float) -> int:
@@ -515,15 +409,23 @@ async def run(sizes: tuple[int, int], generator: str, seconds: float) -> int:
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        measured = [await one_size(Path(folder), size, generator, seconds) for size in sizes]
+        sites = [await prepare(Path(folder), size) for size in sizes]
+        async with contextlib.AsyncExitStack() as sims:
+            for site in sites:
+                await sims.enter_async_context(site.sim())
+            await while_serving(sites, generator, seconds)
+            await start_ups(sites)
+            for site in sites:
+                await sync_pass(site)
     print(f"load average after: {load_average()}; {time.perf_counter() - started:.0f} s in all")
     print()
-    print_rows(rows(*measured), sizes)
+    small, large = (site.figures for site in sites)
+    print_rows(rows(small, large, rounds=ROUNDS, probes=PROBES, starts=START_RUNS), sizes)
     print(
         f"beyond --help: a report's wall time less the median of {REPORT_RUNS * len(REPORTS)} "
         "runs of `smm-router --help` between the reports' runs (the interpreter and imports)"
     )
-    problems = [f"{f.orders:,} orders: {p}" for f in measured for p in f.problems]
+    problems = [f"{site.count:,} orders: {p}" for site in sites for p in site.figures.problems]
     print()
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
@@ -537,7 +439,7 @@ async def run(sizes: tuple[int, int], generator: str, seconds: float) -> int:
 
 def _sizes(text: str) -> tuple[int, int]:
     parts = [int(part.replace("_", "")) for part in text.split(",")]
-    if len(parts) != 2 or min(parts) < 1000:
+    if len(parts) != 2 or min(parts) < 1000 or parts[0] == parts[1]:
         raise argparse.ArgumentTypeError("two sizes of at least 1000, e.g. 10000,1000000")
     return parts[0], parts[1]
 
@@ -554,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds",
         type=float,
         default=DEFAULT_SECONDS,
-        help="length of each status measurement (after 1 s of warm-up)",
+        help=f"length of each of the {ROUNDS} rounds of a status measurement (after 1 s warm-up)",
     )
     parser.add_argument(
         "--generator",
