@@ -25,13 +25,13 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from router import store as store_module
 from router import v2
 from router.api import hash_key
 from router.cli import main, order_report
 from router.config import load
 from router.sim import Fault, SimProvider
 from router.store import NewOrder, Store, WriteRetry
+from router.store import database as store_module  # where Store.open reads its defaults
 from tests.conftest import Router, RouterFactory, SimFactory, free_port, service, wait_for
 from tests.test_held import router_process, wait_ready, write_config
 

@@ -1,0 +1,115 @@
+"""Every SQL statement of the router, by noun: one `Store` is the entry point to all of it.
+
+Usage::
+
+    store = await Store.open(config.database)
+    order_id = await store.reserve_order(new_order)   # None: not enough funds
+    await store.close()
+
+The modules: `database` (connections, migrations, the write path), `records` (the dataclasses
+the store returns), `resellers` (resellers and the ledger), `orders` (reserve, settle, look up),
+`held` (the operator's resolutions), `sync` (refills and the status sync), `calls` (upstream
+call records), `providers` (balances, breaker transitions, spend, catalogues), `reports`
+(providers' money, margins, latency). Money is integer minor units (router.v2.MINOR_PER_UNIT).
+The invariants that matter (balance never below zero, balance = sum of the ledger, one refund
+per order) are enforced by the schema itself, so neither a race nor the CLI can break them.
+"""
+
+from __future__ import annotations
+
+from router.store.calls import CallStore
+from router.store.database import (
+    BUSY_TIMEOUT_MS,
+    CALL_RETENTION_SECONDS,
+    SETTLE_RETRY,
+    WAL_RETRY_SECONDS,
+    DatabaseUnavailable,
+    DuplicateRequest,
+    NotStored,
+    SqlTrace,
+    StoreError,
+    UpstreamOrderTaken,
+    WriteRetry,
+    owner_alive,
+    process_owner,
+)
+from router.store.held import HeldStore
+from router.store.providers import ProviderStore
+from router.store.records import (
+    ActiveOrder,
+    Attempt,
+    BalanceRead,
+    BreakerEvent,
+    CallLatency,
+    CatalogueFetch,
+    FinalOutcomes,
+    HeldAges,
+    HeldOrder,
+    LedgerEntry,
+    NewOrder,
+    OpenRefill,
+    OpenWork,
+    Order,
+    OrderEvent,
+    OrderMargin,
+    OrderSyncState,
+    ProviderMargin,
+    ProviderTotals,
+    Refill,
+    Refusal,
+    Reseller,
+    ResellerSummary,
+    RouteListing,
+    StatusChange,
+    StatusRecord,
+)
+from router.store.reports import ReportStore
+from router.store.resellers import ResellerStore
+from router.store.sync import SyncStore
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "CALL_RETENTION_SECONDS",
+    "SETTLE_RETRY",
+    "WAL_RETRY_SECONDS",
+    "ActiveOrder",
+    "Attempt",
+    "BalanceRead",
+    "BreakerEvent",
+    "CallLatency",
+    "CatalogueFetch",
+    "DatabaseUnavailable",
+    "DuplicateRequest",
+    "FinalOutcomes",
+    "HeldAges",
+    "HeldOrder",
+    "LedgerEntry",
+    "NewOrder",
+    "NotStored",
+    "OpenRefill",
+    "OpenWork",
+    "Order",
+    "OrderEvent",
+    "OrderMargin",
+    "OrderSyncState",
+    "ProviderMargin",
+    "ProviderTotals",
+    "Refill",
+    "Refusal",
+    "Reseller",
+    "ResellerSummary",
+    "RouteListing",
+    "SqlTrace",
+    "StatusChange",
+    "StatusRecord",
+    "Store",
+    "StoreError",
+    "UpstreamOrderTaken",
+    "WriteRetry",
+    "owner_alive",
+    "process_owner",
+]
+
+
+class Store(ResellerStore, HeldStore, SyncStore, CallStore, ProviderStore, ReportStore):
+    """The router's SQLite database. Open with `await Store.open(path)`."""

@@ -1,0 +1,378 @@
+"""The database: connections, migrations, and the one way writes reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Final, Self, TypeVar
+from urllib.parse import quote
+
+import aiosqlite
+import structlog
+
+from router.store.records import Order
+
+T = TypeVar("T")
+SqlTrace = Callable[[str], object]  # called with each statement run, values filled in
+
+log = structlog.get_logger("router.store")
+
+CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
+_BALANCE_CHECK: Final = "CHECK constraint failed: balance"  # resellers.balance >= 0 (0001)
+BUSY_TIMEOUT_MS: Final = 10_000  # a statement's wait for the write lock (Store.open's default)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRetry:
+    """How a write that must land (an order's settle: the upstream may hold the order) is
+    retried on an error that may pass (the database locked past the busy timeout, an I/O error,
+    a full disk): after `first` seconds, doubling up to `longest`, until `give_up_after` seconds
+    have passed. Each try also waits up to the busy timeout for the lock."""
+
+    first: float = 0.05
+    longest: float = 5.0
+    give_up_after: float = 3600.0
+
+
+SETTLE_RETRY: Final = WriteRetry()  # Store.open's default
+WAL_RETRY_SECONDS: Final = 0.01
+
+
+class StoreError(Exception):
+    """A domain rule the database refused (unknown reseller, balance below zero, ...)."""
+
+
+class DuplicateRequest(StoreError):
+    """The reseller already made an order with this request ID: `first` is that order."""
+
+    def __init__(self, first: Order) -> None:
+        super().__init__(f"request ID already used by order {first.id}")
+        self.first = first
+
+
+class UpstreamOrderTaken(StoreError):
+    """An upstream order that another local order already holds: nothing was stored.
+
+    The database has one local order per (provider, upstream order): a second one would be a
+    second charge for one delivery (or an upstream that reuses its IDs).
+    """
+
+    def __init__(self, provider: str, upstream_order: int, holder: int | None) -> None:
+        held_by = f"order {holder}" if holder is not None else "another order"
+        super().__init__(
+            f"upstream order {upstream_order} at {provider} already belongs to {held_by}"
+        )
+        self.provider = provider
+        self.upstream_order = upstream_order
+        self.holder = holder
+
+
+class NotStored(StoreError):
+    """A write that must land could not be stored within its WriteRetry."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database file cannot be opened or created: `reason` says why, `fix` what to do
+    about it on this machine (the command line adds which setting points here)."""
+
+    def __init__(self, path: Path, cause: OSError | sqlite3.Error) -> None:
+        self.path = path = path.absolute()  # once, on the way out: a blocking call is fine
+        self.cause = cause
+        folder = path.parent
+        blocking = next((p for p in (*reversed(folder.parents), folder) if p.is_file()), None)
+        self.fix: str | None = f"make {folder} a folder this user can write"
+        if blocking is not None:
+            self.reason = f"{blocking} is a file, not a folder"
+            self.fix = None  # that file is someone's: only another path helps
+        elif isinstance(cause, OSError):
+            why = (cause.strerror or str(cause)).lower()
+            self.reason = f"cannot create {cause.filename or folder}: {why}"
+        elif path.is_dir():
+            self.reason = f"{path} is a folder, not a file"
+            self.fix = None  # only another path helps
+        elif isinstance(cause, sqlite3.DatabaseError) and "not a database" in str(cause):
+            self.reason = f"{path} is not an SQLite database"
+            self.fix = f"move {path} away"
+        elif not os.access(folder, os.W_OK):
+            self.reason = f"{folder} is not writable by this user"
+        elif path.exists() and not os.access(path, os.W_OK):
+            self.reason = f"{path} is not writable by this user"
+            self.fix = f"make {path} writable by this user"
+        else:
+            self.reason = str(cause)
+        super().__init__(f"cannot open the database {path}: {self.reason}")
+
+
+_INCARNATION: Final = secrets.token_hex(4)  # tells this process from an earlier one with its PID
+
+
+def process_owner() -> str:
+    """This process, as the `placing_by` of the orders it places: "host:pid:incarnation"."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that wrote `placing_by` may still be placing the order.
+
+    Known only on this host: another host's process counts as alive (the staleness bound in
+    `hold_interrupted_orders` settles it); an order from before owners were recorded does not.
+    A restarted container often gets its old PID (and host name) back: the incarnation tells.
+    """
+    host, pid_text, incarnation = [*(owner or "").split(":"), "", "", ""][:3]
+    if not owner or not pid_text.isdecimal():
+        return False
+    if host != socket.gethostname():
+        return True
+    if int(pid_text) == os.getpid():
+        return incarnation == _INCARNATION
+    try:
+        os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+async def _to_the_end(call: Awaitable[T]) -> T:
+    """Await a database call to its end even if cancelled meanwhile, then let the cancel go on.
+
+    The call runs in aiosqlite's thread whatever happens to the awaiting task: the connection's
+    transaction state is only known once it has ended.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _placeholders(count: int) -> str:
+    return ",".join("?" * count)
+
+
+class Database:
+    """The router's SQLite database. Open with `await Store.open(path)`."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        statements: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        settle_retry: WriteRetry | None = None,
+    ) -> None:
+        self._writer = writer  # transactions, under _write_lock
+        self._statements = statements  # single autocommit statements, no lock
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+        self._settle_retry = settle_retry or SETTLE_RETRY
+        self.owner = process_owner()  # written on the orders this process is placing
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        busy_timeout_ms: int | None = None,
+        settle_retry: WriteRetry | None = None,
+        read_only: bool = False,
+        trace: SqlTrace | None = None,
+    ) -> Self:
+        """Connect, switch to WAL, apply pending migrations; DatabaseUnavailable if it cannot.
+
+        `busy_timeout_ms` (default BUSY_TIMEOUT_MS) and `settle_retry` (default SETTLE_RETRY)
+        are read when the store opens: tests that lock the database shorten them.
+        `read_only`: one read-only connection, no migration; an existing database is read as
+        it is and never changed (`smm-router check`). `trace` sees every statement the store's
+        connections run, with its values, from the first one on (tests EXPLAIN them).
+        """
+        busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
+        if read_only:
+            try:
+                reader = await _connect(path, busy, read_only=True, trace=trace)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            try:
+                await reader.execute_fetchall("SELECT count(*) FROM sqlite_master")
+            except sqlite3.DatabaseError as exc:
+                await reader.close()
+                raise StoreError(f"cannot read the database {path}: {exc}") from exc
+            return cls(reader, reader, reader)
+        opened: list[aiosqlite.Connection] = []
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            opened.append(writer := await _connect(path, busy, trace=trace))
+            await _use_wal(writer, busy)
+            opened.append(statements := await _connect(path, busy, trace=trace))
+            opened.append(reader := await _connect(path, busy, trace=trace))
+            store = cls(writer, statements, reader, settle_retry=settle_retry or SETTLE_RETRY)
+            await store._migrate()
+        except BaseException as exc:
+            for db in opened:  # each runs a thread that would keep the process from exiting
+                with suppress(sqlite3.Error):
+                    await db.close()
+            if isinstance(exc, OSError | sqlite3.Error):
+                raise DatabaseUnavailable(Path(path), exc) from exc
+            raise
+        return store
+
+    async def close(self) -> None:
+        for db in dict.fromkeys((self._reader, self._statements, self._writer)):
+            await db.close()  # each connection once: a read-only store has one in three roles
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """`BEGIN IMMEDIATE` ... `COMMIT` on the write connection, under the write lock."""
+        db = self._writer
+        async with self._write_lock:
+            try:
+                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
+                yield db
+                await _to_the_end(db.execute("COMMIT"))
+            except BaseException:
+                # Also when cancelled (a loop stopping, Ctrl-C): the lock must never be let go
+                # with a transaction open, or every later transaction fails.
+                if db.in_transaction:
+                    await _to_the_end(db.execute("ROLLBACK"))
+                raise
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection for ONE autocommit statement: atomic on its own, so no lock.
+
+        Never run two statements through it that must be atomic together: use transaction().
+        """
+        yield self._statements
+
+    async def _migrate(self) -> None:
+        """Apply the migrations not recorded yet, all in one transaction with their records.
+
+        The applied set is read again under the write lock (BEGIN IMMEDIATE): two processes
+        starting at once (a server and a CLI) never apply one twice, the second finds them
+        applied. A start-up with nothing to apply takes no write lock.
+        """
+        migrations = _migrations()
+        if migrations.keys() <= await self._applied_migrations(self._writer):
+            return
+        async with self.transaction() as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            applied = await self._applied_migrations(db)
+            for name, script in migrations.items():
+                if name in applied:
+                    continue
+                for statement in _split_sql(script):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, time.time()),
+                )
+
+    @staticmethod
+    async def _applied_migrations(db: aiosqlite.Connection) -> set[str]:
+        """The migrations recorded in the database (none in a new one)."""
+        if not await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        ):
+            return set()
+        return {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
+
+
+async def _connect(
+    path: Path | str,
+    busy_timeout_ms: int,
+    *,
+    read_only: bool = False,
+    trace: SqlTrace | None = None,
+) -> aiosqlite.Connection:
+    if read_only:  # mode=ro: SQLite itself refuses any write, and never creates the file
+        db = await aiosqlite.connect(
+            f"file:{quote(os.fspath(path))}?mode=ro", uri=True, isolation_level=None
+        )
+    else:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+    try:
+        if trace is not None:
+            await db.set_trace_callback(trace)
+        await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        await db.execute_fetchall("PRAGMA foreign_keys=ON")
+        await db.execute_fetchall(
+            "PRAGMA synchronous=FULL"
+        )  # a committed ledger row survives power loss
+    except BaseException:
+        await db.close()  # its thread would keep the process from exiting
+        raise
+    return db
+
+
+async def _use_wal(db: aiosqlite.Connection, busy_timeout_ms: int) -> None:
+    """Switch the database to WAL, waiting out another process doing the same.
+
+    Two processes opening a new database at once (a server and a CLI) both ask: SQLite answers
+    one of them "locked" at once, without the busy timeout (both hold a read lock, and waiting
+    could deadlock), so that one asks again until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            await db.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(WAL_RETRY_SECONDS)
+
+
+def _migrations() -> dict[str, str]:
+    """The shipped migrations (name -> SQL), in the order they apply."""
+    folder = resources.files("router") / "migrations"
+    return {
+        entry.name: entry.read_text(encoding="utf-8")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".sql")
+    }
+
+
+def _split_sql(script: str) -> list[str]:
+    """A migration's statements, keeping trigger bodies (BEGIN ... END;) whole."""
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0].strip()
+        if not stripped and not current:
+            continue
+        current.append(line)
+        candidate = "\n".join(current)
+        if stripped.endswith(";") and sqlite3.complete_statement(candidate):
+            statements.append(candidate.strip())
+            current = []
+    if "\n".join(current).strip():
+        raise ValueError("migration ends inside a statement")
+    return statements
+
+
+def _upstream_taken(exc: sqlite3.IntegrityError) -> bool:
+    """Whether the error is the one-local-order-per-upstream-order index (migration 0006)."""
+    return "orders.provider, orders.upstream_order" in str(exc)
+
+
+def _reason(exc: sqlite3.IntegrityError) -> str:
+    text = str(exc)
+    if "balance" in text:
+        return "the balance would go below zero"
+    if "UNIQUE" in text:
+        return "that name or key is taken"
+    return text
