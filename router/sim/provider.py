@@ -1,8 +1,7 @@
-"""A simulated upstream v2 provider on loopback, with faults on demand (tests and demo only)."""
+"""SimProvider: one simulated upstream v2 provider on loopback."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import heapq
 import hmac
@@ -12,193 +11,35 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from decimal import Decimal
-from enum import StrEnum
-from typing import Final
 
 from aiohttp import web
 
 from router import v2
 from router.listeners import bind, start_sites
-from router.upstream import UpstreamService
-from router.v2 import V2Error
-
-REFUSAL: Final = "You have active order with this link. Please wait until order being completed."
-CANNOT_CANCEL: Final = "Order cannot be canceled: it is already final"
-REFILL_UNAVAILABLE: Final = "Refill is available only for completed orders"
-PACKAGE_UNITS: Final = 1000  # units a package (flat-priced) order delivers; remains count these
-PENDING_SHARE: Final = 0.1  # the first 10% of progress_seconds an order (or refill) stays Pending
-CLOUDFLARE_502: Final = """<html>
-<head><title>502 Bad Gateway</title></head>
-<body>
-<center><h1>502 Bad Gateway</h1></center>
-<hr><center>cloudflare</center>
-</body>
-</html>
-"""
-
-
-class Fault(StrEnum):
-    """What `add` does instead of its normal answer; "down" is SimProvider.stop().
-
-    The answers that are not a v2 answer (html502, deep_json, not_utf8, waf403) can also replace
-    any other action's answer: SimProvider.set_answer_fault().
-    """
-
-    REFUSE = "refuse"  # a definite refusal: nothing created
-    NO_FUNDS = "no_funds"  # "Not enough funds on balance": nothing created
-    HTML_502 = "html502"  # HTTP 502 with a CDN's HTML page: nothing created
-    SLOW = "slow"  # sleeps slow_seconds, then creates the order: a client timeout is ambiguous
-    RESET = "reset"  # TCP reset without an answer: nothing created
-    FLAKY = "flaky"  # at random (seeded): normal, refuse, html502 or slow
-    DEEP_JSON = "deep_json"  # creates the order, answers JSON nested DEEP_JSON_LEVELS deep
-    NOT_UTF8 = "not_utf8"  # creates the order, answers its JSON after bytes that are not UTF-8
-    WAF_403 = "waf403"  # HTTP 403 with a web firewall's HTML page: nothing created
-    HTTP_429 = "http429"  # HTTP 429 Too Many Requests (a panel shedding load): nothing created
-
-
-_FLAKY_CHOICES: Final = (None, Fault.REFUSE, Fault.HTML_502, Fault.SLOW)
-_ANSWER_FAULTS: Final = frozenset({Fault.HTML_502, Fault.DEEP_JSON, Fault.NOT_UTF8, Fault.WAF_403})
-DEEP_JSON_LEVELS: Final = 100_000
-NOT_UTF8_PREFIX: Final = b"\xff\xfe"  # a UTF-16 byte order mark before UTF-8 JSON: a broken encoder
-WAF_403: Final = """<html>
-<head><title>403 Forbidden</title></head>
-<body>
-<h1>Access denied</h1>
-<p>This request was blocked by the website's firewall. Reference #18.4e2c1b17.1717171717</p>
-</body>
-</html>
-"""
-
-
-_CATALOGUE: Final = (  # name, category, rate, min, max of each type, in v2.SERVICE_TYPES order
-    ("Instagram Followers [Real, 30 days refill]", "Instagram Followers", "0.50", 10, 100000),
-    ("Instagram Likes Package [1000 likes]", "Instagram Likes", "2.40", 1, 1),
-    ("Instagram Custom Comments", "Instagram Comments", "12.00", 1, 10000),
-    ("Instagram Custom Comments Package [10]", "Instagram Comments", "1.80", 1, 1),
-    ("Instagram Mentions [Your usernames]", "Instagram Mentions", "3.00", 10, 50000),
-    ("Instagram Mentions [With hashtags]", "Instagram Mentions", "3.50", 10, 50000),
-    ("Instagram Mentions [Custom list]", "Instagram Mentions", "4.00", 1, 10000),
-    ("Instagram Mentions [Users of a hashtag]", "Instagram Mentions", "2.80", 10, 50000),
-    ("Instagram Mentions [Followers of a user]", "Instagram Mentions", "2.60", 10, 50000),
-    ("Instagram Mentions [Likers of a post]", "Instagram Mentions", "2.60", 10, 50000),
-    ("Instagram Comment Likes", "Instagram Comments", "1.20", 10, 20000),
-    ("Instagram Comment Replies [Custom]", "Instagram Comments", "9.00", 1, 10000),
-    ("Instagram Story Poll Votes", "Instagram Story", "0.80", 10, 100000),
-    ("Website SEO Traffic [Keywords]", "Website Traffic", "5.00", 10, 10000),
-    ("Telegram Members [Invites from groups]", "Telegram", "1.50", 10, 50000),
-    ("Website Traffic [Worldwide, Google referrer]", "Website Traffic", "0.30", 10, 1000000),
+from router.sim.catalogue import (
+    Received,
+    SimOrder,
+    SimRefill,
+    SimService,
+    _money,
+    default_catalogue,
 )
-
-
-SimService = UpstreamService  # a catalogue line is the same on both sides of the wire
-
-
-def default_catalogue() -> list[SimService]:
-    """One service per supported v2 type, IDs 101, 102, ... in v2.SERVICE_TYPES order."""
-    types = [name for name in v2.SERVICE_TYPES if name not in v2.UNSUPPORTED_TYPES]
-    return [
-        SimService(
-            service=101 + index,
-            name=name,
-            type=kind,
-            category=category,
-            rate=Decimal(rate),
-            min=minimum,
-            max=maximum,
-            refill=True,
-            cancel=True,
-            dripfeed=v2.SERVICE_TYPES[kind].dripfeed,
-        )
-        for index, (kind, (name, category, rate, minimum, maximum)) in enumerate(
-            zip(types, _CATALOGUE, strict=True)
-        )
-    ]
-
-
-@dataclass
-class Received:
-    action: str
-    params: dict[str, str]  # everything sent but the key
-    at: float  # the simulator's clock (SimProvider.now())
-
-
-@dataclass
-class SimOrder:
-    """One order; its status, remains and charge follow the simulator's clock."""
-
-    id: int
-    service: int
-    link: str
-    quantity: int  # the total charged quantity (runs x quantity for drip-feed)
-    cost: Decimal  # the full charge taken at `add`
-    created_at: float
-    clock: Callable[[], float] = field(repr=False, compare=False)  # SimProvider.now
-    duration: float = field(repr=False, compare=False)  # progress_seconds
-    # What stays undelivered at the end: above 0 it ends Partial; 0 or below it ends Completed
-    # (below 0: over-delivered, reported as negative remains as some panels do).
-    partial_remains: int = 0
-    canceled_at: float | None = None
-    canceled_remains: int = 0
-
-    @property
-    def start_count(self) -> int:
-        return (self.id * 7919) % 9000 + 100
-
-    def snapshot(self, now: float) -> tuple[str, int, Decimal]:
-        """(status, remains, charge) at `now`; the charge covers only what was delivered."""
-        if self.canceled_at is not None:
-            remains = self.canceled_remains
-            word = v2.CANCELED if remains == self.quantity else v2.PARTIAL
-            return word, remains, self.cost_of(self.quantity - remains)
-        elapsed = now - self.created_at
-        if elapsed < PENDING_SHARE * self.duration:
-            return v2.PENDING, self.quantity, self.cost
-        target = self.quantity - self.partial_remains
-        if elapsed < self.duration:
-            share = (elapsed - PENDING_SHARE * self.duration) / (
-                (1 - PENDING_SHARE) * self.duration
-            )
-            return v2.IN_PROGRESS, self.quantity - int(target * share), self.cost
-        if self.partial_remains > 0:
-            return v2.PARTIAL, self.partial_remains, self.cost_of(max(target, 0))
-        return v2.COMPLETED, self.partial_remains, self.cost
-
-    def cost_of(self, delivered: int) -> Decimal:
-        return self.cost if delivered == self.quantity else self.cost * delivered / self.quantity
-
-    @property
-    def status(self) -> str:
-        return self.snapshot(self.clock())[0]
-
-    @property
-    def remains(self) -> int:
-        return self.snapshot(self.clock())[1]
-
-    @property
-    def charge(self) -> Decimal:
-        return self.snapshot(self.clock())[2]
-
-
-@dataclass
-class SimRefill:
-    id: int
-    order: int
-    created_at: float
-
-    def status_at(self, now: float, duration: float) -> str:
-        elapsed = now - self.created_at
-        if elapsed < PENDING_SHARE * duration:
-            return v2.PENDING
-        return v2.IN_PROGRESS if elapsed < duration else v2.COMPLETED
-
-
-def _money(amount: Decimal) -> str:
-    """v2.format_money, but exact when the amount has more decimals (as some panels send)."""
-    if amount == amount.quantize(Decimal(1).scaleb(-v2.MONEY_PLACES)):
-        return v2.format_money(amount)
-    return f"{amount.normalize():f}"
+from router.sim.faults import (
+    _ANSWER_FAULTS,
+    _FLAKY_CHOICES,
+    CANNOT_CANCEL,
+    CLOUDFLARE_502,
+    DEEP_JSON_LEVELS,
+    NOT_UTF8_PREFIX,
+    PACKAGE_UNITS,
+    REFILL_UNAVAILABLE,
+    REFUSAL,
+    WAF_403,
+    Fault,
+)
+from router.v2 import V2Error
 
 
 class SimProvider:
@@ -661,76 +502,3 @@ def _reset(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
     return web.Response()
-
-
-class BadSpec(argparse.ArgumentTypeError, ValueError):
-    """A bad command-line value; argparse shows its message as it is."""
-
-
-def parse_fault(spec: str) -> tuple[int | None, Fault]:
-    """`101=refuse` (one service), `*=slow` or `slow` (every service); else raise ValueError."""
-    target, _, word = (part.strip() for part in spec.strip().rpartition("="))
-    if word.lower() not in set(Fault):
-        faults = ", ".join(Fault)
-        raise BadSpec(f"unknown fault {word!r} in {spec!r}: use one of {faults}")
-    if target in ("", "*"):
-        return None, Fault(word.lower())
-    service = v2.parse_id(target)
-    if service is None:
-        raise BadSpec(f"bad service {target!r} in {spec!r}: use a service ID or *")
-    return service, Fault(word.lower())
-
-
-def _decimal_arg(text: str) -> Decimal:
-    value = v2.parse_decimal(text)
-    if value is None or value < 0:
-        raise BadSpec(f"not an amount: {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `smm-router sim`."""
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on")
-    add("--port", type=int, default=9101, help="port to listen on (0: any free port)")
-    add("--key", default="sim-key", help="the API key the simulator accepts")
-    add("--balance", type=_decimal_arg, default=Decimal("1000"), help="the starting balance")
-    add("--currency", default="USD", help="the currency of the balance and the rates")
-    add("--progress-seconds", type=float, default=10.0, help="how long an order takes")
-    add("--partial-every", type=int, default=5, help="every Nth order ends Partial (0: none)")
-    add("--slow-seconds", type=float, default=30.0, help="the delay of the slow fault")
-    faults = ", ".join(fault.value for fault in Fault)
-    add(
-        "--fault",
-        dest="faults",
-        type=parse_fault,
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help=f"SERVICE=FAULT or FAULT for every service (repeatable): {faults}",
-    )
-    add("--seed", type=int, default=0, help="the seed of the flaky fault")
-
-
-async def serve_from_args(args: argparse.Namespace) -> None:
-    """Run one simulated provider until cancelled."""
-    sim = SimProvider(
-        key=args.key,
-        balance=args.balance,
-        currency=args.currency,
-        progress_seconds=args.progress_seconds,
-        partial_every=args.partial_every,
-        slow_seconds=args.slow_seconds,
-        seed=args.seed,
-    )
-    for service, fault in args.faults:
-        sim.set_fault(service, fault)
-    port = await sim.start(args.host, args.port)
-    try:
-        print(
-            f"sim provider listening on http://{args.host}:{port}/api/v2 (key: {args.key})",
-            flush=True,
-        )
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
