@@ -35,14 +35,16 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
 import structlog
 
 from router import v2
-from router.upstream import CallRecord
+
+if TYPE_CHECKING:  # a name for typing only: importing router.upstream loads aiohttp
+    from router.upstream import CallRecord
 
 T = TypeVar("T")
 SqlTrace = Callable[[str], object]  # called with each statement run, values filled in
