@@ -4,7 +4,7 @@ One module per command group: `server` (serve, reload, check, probe, sim, demo),
 (providers, routes), `clients`, `orders`; `common` holds what they share. Building the parser
 imports every group, so the groups import at their top only what is light (argparse, router.v2)
 and each command imports what it runs when it runs: `--help`, `clients list` and `orders held`
-never load aiohttp or prometheus_client (tests/test_cli.py checks it).
+never load aiohttp or prometheus_client (tests/test_cli_imports.py checks it).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from router.cli.clients import add_client_commands
 from router.cli.common import (
     KEY_BYTES,
     MAX_AMOUNT_DIGITS,
     CommandError,
+    CommandParser,
     Commands,
     Handler,
     config_path,
@@ -56,29 +57,6 @@ __all__ = [
     "run_until_signal",
     "with_store",
 ]
-
-
-class CommandParser(argparse.ArgumentParser):
-    """A parser that can add its arguments only once its command is chosen (`populate`): those
-    of `sim` live with the simulator, which imports aiohttp, and `probe`'s default comes from
-    the config; `smm-router --help` and the other commands need neither."""
-
-    def __init__(
-        self,
-        *args: Any,
-        populate: Callable[[argparse.ArgumentParser], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._populate = populate
-
-    def parse_known_args(  # type: ignore[override]  # one signature for typeshed's overloads
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._populate is not None:
-            populate, self._populate = self._populate, None
-            populate(self)
-        return super().parse_known_args(args, namespace)
 
 
 class _Version(argparse.Action):

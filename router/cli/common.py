@@ -137,6 +137,29 @@ def operator() -> str:
         return "operator"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A parser that can add its arguments only once its command is chosen (`populate`): those
+    of `sim` live with the simulator, which imports aiohttp, and `probe`'s default comes from
+    the config; `smm-router --help` and the other commands need neither."""
+
+    def __init__(
+        self,
+        *args: Any,
+        populate: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def parse_known_args(  # type: ignore[override]  # one signature for typeshed's overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        return super().parse_known_args(args, namespace)
+
+
 class Commands:
     """One level of subcommands: each gets the shared --config/--json options and a handler."""
 
@@ -152,7 +175,8 @@ class Commands:
         return sub
 
     def add_bare(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        """A command without the shared options (it sets its own, and its handler)."""
+        """A command without the shared options (it sets its own, and its handler); pass
+        `populate` to add them only once the command is chosen (CommandParser)."""
         parser: argparse.ArgumentParser = self._group.add_parser(name, **kwargs)
         return parser
 
