@@ -1,10 +1,18 @@
 """smm-router: one SMM panel API v2 in front of ranked upstream providers."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 DISTRIBUTION = "smm-router"
 
-try:
-    __version__ = version(DISTRIBUTION)  # the installed package's, as pip and `--version` see it
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """`router.__version__`, read from the installed package only when asked: importlib.metadata
+    costs tens of milliseconds, and every `smm-router` command imports this package."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version(DISTRIBUTION)  # the installed package's, as pip and `--version` see it
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        found = "0+unknown"
+    globals()["__version__"] = found
+    return found

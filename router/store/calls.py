@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.store.database import Database
-from router.upstream import CallRecord
+
+if TYPE_CHECKING:  # the store's commands must not load aiohttp (router.upstream does)
+    from router.upstream import CallRecord
 
 
 class CallStore(Database):
