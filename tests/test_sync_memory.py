@@ -200,7 +200,8 @@ async def test_every_statement_of_a_pass_reads_by_index(
 ) -> None:
     """Every statement two passes run (an unreadable answer, then Completed and Partial ones
     with their refunds), EXPLAINed: no scan of a growing table; each page of due orders is a
-    SEARCH of orders_due in its own order (no sort of every due order to find the next page)."""
+    seek into orders_due at the keyset, in the index's order (no step over the orders before
+    it, no sort of every due order to find the next page)."""
     sim = await start_sim(balance=Decimal(100000), progress_seconds=10, partial_every=3)
     config = build_config(
         tmp_path / "router.db", {"alpha": sim.url}, [service(1, [("alpha", 101)])]
@@ -231,5 +232,12 @@ async def test_every_statement_of_a_pass_reads_by_index(
     with contextlib.closing(sqlite3.connect(config.database)) as db:
         for statement in pages:
             plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}")]
-            assert len(plan) == 1, plan  # no USE TEMP B-TREE FOR ORDER BY
-            assert plan[0].startswith("SEARCH orders USING INDEX orders_due (provider=?"), plan
+            seeks = [step for step in plan if step.startswith("SEARCH")]
+            assert seeks == [
+                # the rest of the orders due at the keyset's time: a seek to the keyset's ID
+                "SEARCH orders USING INDEX orders_due (provider=? AND next_check_at=? AND rowid>?)",
+                # those due later, up to the pass's time
+                "SEARCH orders USING INDEX orders_due "
+                "(provider=? AND next_check_at>? AND next_check_at<?)",
+            ], plan
+            assert not any("TEMP B-TREE" in step for step in plan), plan  # merged, not sorted
