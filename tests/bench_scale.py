@@ -1,6 +1,7 @@
 """Benchmark at scale: the router's costs at 10k and at 1M orders, side by side.
 
     make bench-scale        # or: .venv/bin/python -m tests.bench_scale --sizes 10000,1000000
+    .venv/bin/python -m tests.bench_scale --sync-only --sizes 100000,1000000   # 10k, 100k active
 
 For each size, a fresh database: five resellers made with `smm-router clients add`, then the
 orders filled with SQL through the real schema (tests/bench_fill.py: mostly Completed, 10%
@@ -68,7 +69,7 @@ from tests.bench_fill import (
     make_active_due,
 )
 from tests.bench_load import GENERATORS, describe, measure, resolve, timed_gets
-from tests.bench_scale_table import HELP, REPORTS, Figures, print_rows, rows
+from tests.bench_scale_table import HELP, REPORTS, Figures, print_rows, rows, sync_rows
 
 SIM_KEY: Final = "bench-scale-sim-key"
 DEFAULT_SIZES: Final = (10_000, 1_000_000)
@@ -402,7 +403,7 @@ async def sync_pass(site: Site) -> None:
         site.figures.problems += [f"after the sync: {line}" for line in lines]
 
 
-async def run(sizes: tuple[int, int], generator: str, seconds: float) -> int:
+async def run(sizes: tuple[int, int], generator: str, seconds: float, *, sync_only: bool) -> int:
     generator = resolve(generator)
     print(
         f"load generator: {describe(generator)}; load average before: {load_average()}", flush=True
@@ -413,18 +414,22 @@ async def run(sizes: tuple[int, int], generator: str, seconds: float) -> int:
         async with contextlib.AsyncExitStack() as sims:
             for site in sites:
                 await sims.enter_async_context(site.sim())
-            await while_serving(sites, generator, seconds)
-            await start_ups(sites)
+            if not sync_only:
+                await while_serving(sites, generator, seconds)
+                await start_ups(sites)
             for site in sites:
                 await sync_pass(site)
     print(f"load average after: {load_average()}; {time.perf_counter() - started:.0f} s in all")
     print()
     small, large = (site.figures for site in sites)
-    print_rows(rows(small, large, rounds=ROUNDS, probes=PROBES, starts=START_RUNS), sizes)
-    print(
-        f"beyond --help: a report's wall time less the median of {REPORT_RUNS * len(REPORTS)} "
-        "runs of `smm-router --help` between the reports' runs (the interpreter and imports)"
-    )
+    if sync_only:
+        print_rows(sync_rows(small, large), sizes)
+    else:
+        print_rows(rows(small, large, rounds=ROUNDS, probes=PROBES, starts=START_RUNS), sizes)
+        print(
+            f"beyond --help: a report's wall time less the median of {REPORT_RUNS * len(REPORTS)} "
+            "runs of `smm-router --help` between the reports' runs (the interpreter and imports)"
+        )
     problems = [f"{site.count:,} orders: {p}" for site in sites for p in site.figures.problems]
     print()
     for problem in problems:
@@ -464,13 +469,18 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="load generator: wrk (when on PATH), python, or auto",
     )
+    parser.add_argument(
+        "--sync-only",
+        action="store_true",
+        help="measure only the sync pass and its memory (the fill, then each size's pass)",
+    )
     parser.add_argument("--sim", nargs=3, metavar=("PORT", "KEY", "ACTIVE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sim:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(sim_main(int(args.sim[0]), args.sim[1], int(args.sim[2])))
         return 0
-    return asyncio.run(run(args.sizes, args.generator, args.seconds))
+    return asyncio.run(run(args.sizes, args.generator, args.seconds, sync_only=args.sync_only))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,28 @@ def _per_second(rate: float) -> str:
     return f"{rate:,.0f}/s"
 
 
+def _both_under(limit: float) -> Callable[[Any, Any, float], bool]:
+    return lambda low, high, _ratio: max(low, high) < limit
+
+
+def _row(
+    small: Figures,
+    large: Figures,
+    figure: str,
+    read: Callable[[Figures], Any],
+    show: Callable[[Any], str],
+    target: str = "",
+    met: Callable[[Any, Any, float], bool] | None = None,
+    *,
+    compare: bool = True,
+) -> Row:
+    low, high = read(small), read(large)
+    ratio = high / low if isinstance(low, int | float) and low else math.nan
+    shown = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+    verdict = "" if met is None else ("yes" if met(low, high, ratio) else "no")
+    return Row(figure, (show(low), show(high)), shown if compare else "", target, verdict)
+
+
 def rows(small: Figures, large: Figures, *, rounds: int, probes: int, starts: int) -> list[Row]:
     """The table: each figure at both sizes, the ratio large / small, the target, met."""
     table: list[Row] = []
@@ -101,20 +123,9 @@ def rows(small: Figures, large: Figures, *, rounds: int, probes: int, starts: in
     ) -> None:
         """`met` gets (small's value, large's value, their ratio); `compare`: print the
         ratio (not for a difference of two noisy figures)."""
-        low, high = read(small), read(large)
-        ratio = high / low if isinstance(low, int | float) and low else math.nan
-        shown = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
-        verdict = "" if met is None else ("yes" if met(low, high, ratio) else "no")
-        table.append(
-            Row(figure, (show(low), show(high)), shown if compare else "", target, verdict)
-        )
+        table.append(_row(small, large, figure, read, show, target, met, compare=compare))
 
-    def both_under(limit: float) -> Callable[[Any, Any, float], bool]:
-        return lambda low, high, _ratio: max(low, high) < limit
-
-    add("orders", lambda f: f.orders, _count)
-    add("  of them active", lambda f: f.active, _count)
-    add("fill (SQL, one transaction)", lambda f: f.filled, _s)
+    table += _size_rows(small, large)
     add(
         f"status, 1 ID: p50 (1 conn., median of {rounds})",
         lambda f: f.status_p50,
@@ -136,12 +147,12 @@ def rows(small: Figures, large: Figures, *, rounds: int, probes: int, starts: in
             lambda f, n=name: f.report(n),
             _s,
             "< 1 s",
-            both_under(1.0),
+            _both_under(1.0),
         )
         add("  beyond --help", lambda f, n=name: f.report(n) - f.report(HELP), _s, compare=False)
     add("smm-router --help (wall, for scale)", lambda f: f.report(HELP), _s)
-    add(f"/healthz: p50 of {probes}", lambda f: f.healthz_p50, _ms, "< 20 ms", both_under(0.020))
-    add(f"/metrics: p50 of {probes}", lambda f: f.metrics_p50, _ms, "< 20 ms", both_under(0.020))
+    add(f"/healthz: p50 of {probes}", lambda f: f.healthz_p50, _ms, "< 20 ms", _both_under(0.020))
+    add(f"/metrics: p50 of {probes}", lambda f: f.metrics_p50, _ms, "< 20 ms", _both_under(0.020))
     add(
         f"start-up to /healthz (median of {starts})",
         lambda f: f.start_up,
@@ -149,6 +160,34 @@ def rows(small: Figures, large: Figures, *, rounds: int, probes: int, starts: in
         "no scan: flat (within 1.25x)",
         lambda _low, _high, ratio: ratio <= 1.25,
     )
+    return table + _sync_rows(small, large)
+
+
+def sync_rows(small: Figures, large: Figures) -> list[Row]:
+    """The sizes and the sync's part of the table: all that `--sync-only` measures."""
+    return _size_rows(small, large) + _sync_rows(small, large)
+
+
+def _size_rows(small: Figures, large: Figures) -> list[Row]:
+    return [
+        _row(small, large, "orders", lambda f: f.orders, _count),
+        _row(small, large, "  of them active", lambda f: f.active, _count),
+        _row(small, large, "fill (SQL, one transaction)", lambda f: f.filled, _s),
+    ]
+
+
+def _sync_rows(small: Figures, large: Figures) -> list[Row]:
+    table: list[Row] = []
+
+    def add(
+        figure: str,
+        read: Callable[[Figures], Any],
+        show: Callable[[Any], str],
+        target: str = "",
+        met: Callable[[Any, Any, float], bool] | None = None,
+    ) -> None:
+        table.append(_row(small, large, figure, read, show, target, met))
+
     add("sync pass over the active orders", lambda f: f.sync_seconds, _s)
     add("  statuses it changed", lambda f: f.sync_changes, _count)
     add("sync RSS: VmRSS at /healthz (pass begun)", lambda f: f.rss_ready, _mb)
@@ -157,14 +196,14 @@ def rows(small: Figures, large: Figures, *, rounds: int, probes: int, starts: in
         lambda f: f.rss_peak,
         _mb,
         "<= 200 MB",
-        both_under(RSS_TARGET_KB + 1),
+        _both_under(RSS_TARGET_KB + 1),
     )
     add(
         "sync RSS: VmHWM at the pass's end",
         lambda f: f.hwm,
         _mb,
         "<= 200 MB",
-        both_under(RSS_TARGET_KB + 1),
+        _both_under(RSS_TARGET_KB + 1),
     )
     return table
 

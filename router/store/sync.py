@@ -80,14 +80,25 @@ class SyncStore(Database):
     ) -> list[ActiveOrder]:
         """Active orders at `provider` due by `due_by`, oldest due first, after the keyset
         `after` (next_check_at, id) of the previous page: a pass reads each order once even
-        when its call fails and leaves it due."""
+        when its call fails and leaves it due.
+
+        Two seeks into orders_due, merged in order: the rest of the orders due at `after`'s
+        time, by ID (many share one: every order not checked yet is due at 0), then those due
+        later. One condition `(next_check_at, id) > after` would make SQLite step over every
+        order due at that time still left before the keyset, so that a page could cost as
+        much as the pass so far."""
         last_due, last_id = after if after is not None else (-1.0, 0)
-        rows = await self._reader.execute_fetchall(
+        due = (
             "SELECT id, upstream_order, quantity, charge, status, created_at, next_check_at, "
             "sync_problem, service, cost, estimated_cost FROM orders INDEXED BY orders_due "
-            f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND next_check_at <= ?2 "
-            "AND next_check_at >= ?3 AND (next_check_at > ?3 OR id > ?4) "
-            "AND upstream_order IS NOT NULL ORDER BY next_check_at, id LIMIT ?5",
+            f"WHERE provider = ?1 AND {_ACTIVE_ORDER} AND upstream_order IS NOT NULL AND "
+        )
+        # `?3 <= ?2` rather than `next_check_at <= ?2`: a bound on the column would turn the
+        # first seek into a range of it, stepping over the orders before the keyset again.
+        rows = await self._reader.execute_fetchall(
+            f"{due}next_check_at = ?3 AND id > ?4 AND ?3 <= ?2 "
+            f"UNION ALL {due}next_check_at > ?3 AND next_check_at <= ?2 "
+            "ORDER BY next_check_at, id LIMIT ?5",
             (provider, due_by, last_due, last_id, limit),
         )
         return [ActiveOrder(*row) for row in rows]

@@ -10,10 +10,12 @@ Usage::
 
 Each provider has its own loop, so a slow or dead provider delays only its own orders. A pass
 reads the provider's due orders a page of 100 at a time (one multi-status call per page), with
-at most `sync.calls_in_flight` calls in flight per provider, and applies each answer in one
-transaction. Orders younger than `sync.old_order_age` are due again `sync.status_interval`
-after a check, older ones `sync.old_order_interval` after. Each recorded cost corrects the
-fleet's spend of the day (router.fleet), which counted the order at its planned cost until then.
+at most `sync.calls_in_flight` pages per provider between their read and the recording of their
+answers (each in one transaction): its memory is that many pages, however many orders are
+active and however slow the writes. Orders younger than `sync.old_order_age` are due again
+`sync.status_interval` after a check, older ones `sync.old_order_interval` after. Each recorded
+cost corrects the fleet's spend of the day (router.fleet), which counted the order at its
+planned cost until then.
 
 A provider that a config reload removed while it still had open orders keeps its loop, its
 client and its settings (`retiring`) until it has none left (Store.open_work), so that those
@@ -203,6 +205,9 @@ class OrderSync:
     # --- orders -------------------------------------------------------------------------------
 
     async def _sync_orders(self, provider: str, due_by: float) -> None:
+        """The due orders a page at a time, each page read only once a slot of the provider's
+        gate is free, and that slot held until the page's answers are recorded: at most
+        `calls_in_flight` pages are in memory, however many orders are active."""
         gate = self._in_flight[provider]
         failed = asyncio.Event()  # a call failed: the rest of the pass waits for the next one
         after: tuple[float, int] | None = None
@@ -225,6 +230,7 @@ class OrderSync:
                     break
                 after = (page[-1].next_check_at, page[-1].id)
                 group.create_task(self._refresh(provider, page, gate, failed, due_by))
+                del page  # the task holds it now, and frees it as soon as it is recorded
 
     async def _refresh(
         self,
@@ -234,36 +240,41 @@ class OrderSync:
         failed: asyncio.Event,
         due_by: float,
     ) -> None:
-        """One multi-status call (holding a slot of `gate`) and its answers recorded.
+        """One multi-status call and its answers recorded, holding a slot of `gate` until then.
+
+        The slot is released only once the page is recorded (or given up): answers waiting for
+        the write lock hold their slots, so no new call goes out meanwhile, and the pass's
+        memory stays at `calls_in_flight` pages, however slow the writes.
 
         An answer that came back unusable is recorded on each order of the page (its sync
         problem) and the pass goes on; when nothing usable came back (the provider is down or
         overloaded), the page's orders stay due and the rest of the pass waits for the next one.
         """
-        # Remains are clamped to the quantity of counted orders only: a package's (flat-priced)
-        # count units of a size we do not know, and its charged quantity is 1.
-        quantities = {
-            order.upstream_order: order.quantity
-            for order in page
-            if not self._flat_priced(order.service)
-        }
         try:
-            readings = await self.clients[provider].status_readings(
-                [order.upstream_order for order in page], quantities
-            )
-        except UpstreamError as exc:
-            failed.set()
-            log.warning("status_call_failed", provider=provider, error=exc.message)
-            return
-        except Exception:  # the client raises only UpstreamError; a bug must not end the pass
-            log.exception("status_call_crashed", provider=provider)
-            return
+            # Remains are clamped to the quantity of counted orders only: a package's
+            # (flat-priced) count units of a size we do not know, and its charged quantity is 1.
+            quantities = {
+                order.upstream_order: order.quantity
+                for order in page
+                if not self._flat_priced(order.service)
+            }
+            try:
+                readings = await self.clients[provider].status_readings(
+                    [order.upstream_order for order in page], quantities
+                )
+            except UpstreamError as exc:
+                failed.set()
+                log.warning("status_call_failed", provider=provider, error=exc.message)
+                return
+            except Exception:  # the client raises only UpstreamError; a bug must not end it
+                log.exception("status_call_crashed", provider=provider)
+                return
+            try:
+                await self.sync_page(provider, page, readings, checked_at=max(due_by, self.clock()))
+            except Exception:  # one page's failure must not end the pass for the other pages
+                log.exception("status_page_failed", provider=provider)
         finally:
             gate.release()
-        try:
-            await self.sync_page(provider, page, readings, checked_at=max(due_by, self.clock()))
-        except Exception:  # one page's failure must not end the pass for the other pages
-            log.exception("status_page_failed", provider=provider)
 
     async def sync_page(
         self,
