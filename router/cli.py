@@ -34,6 +34,7 @@ from router.orders import OrderDesk, ResolveRefused, held_reason, reseller_statu
 from router.routing import EXPLORE_SHARE
 from router.store import DatabaseUnavailable, Order, Store, StoreError
 from router.sync.providers import (
+    REPORT_DAYS,
     Problem,
     ProviderReport,
     check_online,
@@ -365,8 +366,11 @@ def _provider_cells(row: ProviderReport, now: float) -> dict[str, str]:
 def cmd_providers(args: argparse.Namespace) -> int:
     config = load_config(args)
     now = time.time()
-    since = now - args.days * 86400 if args.days is not None else args.since
     until = args.until
+    # The last N days (REPORT_DAYS unless told) before the period's end: a report of all time
+    # is `--since 1970-01-01`.
+    days = REPORT_DAYS if args.days is None and args.since is None else args.days
+    since = (now if until is None else until) - days * 86400 if days is not None else args.since
     rows = asyncio.run(
         with_store(
             config,
@@ -912,8 +916,12 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "providers", cmd_providers, "per provider: orders, money, health, state, balance"
     )
     period = providers.add_mutually_exclusive_group()
-    period.add_argument("--since", type=_instant, help="ISO date or time (default: all time)")
-    period.add_argument("--days", type=_days, help="the last N days")
+    period.add_argument(
+        "--since", type=_instant, help=f"ISO date or time (default: {REPORT_DAYS} days ago)"
+    )
+    period.add_argument(
+        "--days", type=_days, help=f"the N days before --until (default: {REPORT_DAYS})"
+    )
     providers.add_argument("--until", type=_instant, help="ISO date or time (default: now)")
     routes = command(
         commands, "routes", cmd_routes, "the plan a new order on SERVICE would get now, and why"

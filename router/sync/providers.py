@@ -75,6 +75,7 @@ MIN_CATALOGUE_SHARE: Final = 0.5
 BALANCE_RETENTION_SECONDS: Final = 30 * 24 * 3600.0  # also of the breaker's transitions
 BALANCE_PRUNE_INTERVAL: Final = 3600.0
 REFRESH_INTERVAL: Final = 60.0  # quality outcomes; the spend of a new UTC day
+REPORT_DAYS: Final = 30  # `smm-router providers` without --since or --days: the last 30 days
 
 
 # --- The loops -----------------------------------------------------------------------------------
