@@ -234,12 +234,12 @@ async def test_healthz_metrics_and_start_up_read_a_million_orders_by_index(
             reports[name] = list(statements)
             if name == "providers --since --until":
                 placed = {
-                    name: sum(
+                    provider: sum(
                         _kind(i) in ("active", "done")
-                        for i in range(n, MILLION + 1, len(PROVIDERS))
+                        for i in range(n or len(PROVIDERS), MILLION + 1, len(PROVIDERS))
                     )
-                    for n, name in enumerate(PROVIDERS)
-                    if name != "gone"
+                    for n, provider in enumerate(PROVIDERS)
+                    if provider in config.providers
                 }
                 assert {row.provider: row.money.orders for row in answer} == placed
             elif name == "clients list":

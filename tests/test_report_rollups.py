@@ -61,9 +61,11 @@ def reference_outcomes(
     return dict(db.execute(REFERENCE_OUTCOMES, (provider, since, until)).fetchall())
 
 
-async def history(store: Store, rng: random.Random, first_day: int, days: int) -> list[int]:
-    """Orders created over `days` UTC days from `first_day`, moved through the store's writes;
-    the days' midnights and the floats either side of them get orders of their own."""
+async def history(
+    store: Store, rng: random.Random, first_day: int, days: int, count: int = 260
+) -> list[int]:
+    """`count` orders created over `days` UTC days from `first_day`, moved through the store's
+    writes; the days' midnights and the floats either side of them get orders of their own."""
     await store.record_catalogue(
         "alpha",
         first_day * DAY,
@@ -80,7 +82,7 @@ async def history(store: Store, rng: random.Random, first_day: int, days: int) -
         (await store.create_reseller(name, f"hash-{name}", v2.to_minor(Decimal(10**6)))).id
         for name in ("acme", "bolt", "cask")
     ]
-    moments = [first_day * DAY + rng.uniform(0, days * DAY) for _ in range(260)]
+    moments = [first_day * DAY + rng.uniform(0, days * DAY) for _ in range(count)]
     for day in range(first_day, first_day + days + 1):
         midnight = float(day * DAY)
         moments += [midnight, math.nextafter(midnight, 0), math.nextafter(midnight, math.inf)]
@@ -236,7 +238,7 @@ async def test_reseller_totals_equal_the_full_counts(tmp_path: Path) -> None:
     database = tmp_path / "router.db"
     store = await Store.open(database)
     try:
-        await history(store, random.Random(5), 20_000, 3)
+        await history(store, random.Random(5), 20_000, 3, count=90)
         await store.create_reseller("dune", "hash-dune", 0)  # no order, no ledger row
         await store.adjust_balance("bolt", -12_345, kind="adjustment", note="fee")
         listed = await store.list_resellers()
@@ -258,7 +260,7 @@ async def test_the_migration_backfills_what_the_triggers_keep(tmp_path: Path) ->
     database = tmp_path / "router.db"
     store = await Store.open(database)
     try:
-        await history(store, random.Random(7), 20_000, 3)
+        await history(store, random.Random(7), 20_000, 3, count=90)
     finally:
         await store.close()
     tables = ("provider_order_days", "provider_attempt_days", "reseller_totals")
