@@ -12,12 +12,15 @@ Light on purpose: a report command imports this, the config and the store, never
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from router import v2
 
 if TYPE_CHECKING:
     from router.store import Store
+
+
+REPORT_DAYS: Final = 30  # `smm-router providers` without --since or --days: the last 30 days
 
 
 def when(at: float | None) -> str | None:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -481,6 +482,62 @@ async def test_providers_report(
     rows = {row["provider"]: row for row in json.loads(out)["providers"]}
     assert (rows["first"]["orders"], rows["first"]["calls"]) == (0, 0)
     assert rows["first"]["balance"]["amount"] == "998.50"  # the last read, whatever the period
+
+
+async def test_providers_report_shows_the_last_30_days_unless_told(
+    start_sim: SimFactory,
+    start_router: RouterFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SIM_KEY", SIM_KEY)
+    sim = await start_sim()
+    providers = {"first": sim.url, "second": f"http://127.0.0.1:{free_port()}/api/v2"}
+    config_file = write_config(tmp_path, providers)
+    router = await start_router(providers, [service(1, [("first", 101)], rate="2.00")])
+    key = await router.reseller("acme", "100")
+    old, new = [(await add(router, key, 1000))["order"] for _ in range(2)]
+    async with router.store.transaction() as db:  # the first made 40 days ago
+        await db.execute(
+            "UPDATE orders SET created_at = created_at - 40 * 86400 WHERE id = ?", (old,)
+        )
+        await db.execute(
+            "UPDATE attempts SET started_at = started_at - 40 * 86400 WHERE order_id = ?", (old,)
+        )
+
+    started = time.time()
+    code, out, _ = await run_cli(capsys, "providers", "--json", "--config", str(config_file))
+    assert code == 0
+    document = json.loads(out)
+    since = datetime.fromisoformat(document["since"]).timestamp()
+    assert started - 30 * 86400 - 1 <= since <= time.time() - 30 * 86400
+    assert document["until"] is None
+    row = document["providers"][0]
+    assert (row["provider"], row["orders"], row["revenue"], row["add_attempts"]) == (
+        "first",
+        1,
+        "2.00",
+        1,
+    )
+    for period in (["--days", "41"], ["--since", "1970-01-01"]):
+        code, out, _ = await run_cli(
+            capsys, "providers", "--json", *period, "--config", str(config_file)
+        )
+        row = json.loads(out)["providers"][0]
+        assert (row["orders"], row["revenue"], row["add_attempts"]) == (2, "4.00", 2), period
+    # --until alone: the 30 days before it.
+    until = datetime.fromtimestamp(time.time() - 35 * 86400, UTC).isoformat()
+    code, out, _ = await run_cli(
+        capsys, "providers", "--json", "--until", until, "--config", str(config_file)
+    )
+    document = json.loads(out)
+    assert datetime.fromisoformat(document["since"]) == datetime.fromisoformat(
+        document["until"]
+    ) - timedelta(days=30)
+    row = document["providers"][0]
+    assert (row["orders"], row["add_attempts"]) == (1, 1)
+    assert new != old
 
 
 async def test_margins_use_recorded_costs_and_refunds(

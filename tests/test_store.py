@@ -301,6 +301,7 @@ RELEASED_MIGRATIONS = {
         "7e5a414f51b78ae73e39fa786b3a239afc55581df303db0cc77cf996e4fec29c"
     ),
     "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
+    "0011_report_rollups.sql": "0da8f8d27ae471a405cbfb010370f9fe7041511fcb5947d81d0661e96eaeaacb",
 }
 
 

@@ -21,7 +21,7 @@ from router.cli.common import (
     run,
     with_store,
 )
-from router.reports import when
+from router.reports import REPORT_DAYS, when
 
 if TYPE_CHECKING:
     from router.fleet import RouteReport
@@ -117,8 +117,11 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     now = time.time()
-    since = now - args.days * 86400 if args.days is not None else args.since
     until = args.until
+    # The last N days (REPORT_DAYS unless told) before the period's end: a report of all time
+    # is `--since 1970-01-01`.
+    days = REPORT_DAYS if args.days is None and args.since is None else args.days
+    since = (now if until is None else until) - days * 86400 if days is not None else args.since
     rows = run(
         with_store(
             config,
@@ -243,8 +246,12 @@ def add_report_commands(commands: Commands) -> None:
         "providers", cmd_providers, "per provider: orders, money, health, state, balance"
     )
     period = providers.add_mutually_exclusive_group()
-    period.add_argument("--since", type=_instant, help="ISO date or time (default: all time)")
-    period.add_argument("--days", type=_days, help="the last N days")
+    period.add_argument(
+        "--since", type=_instant, help=f"ISO date or time (default: {REPORT_DAYS} days ago)"
+    )
+    period.add_argument(
+        "--days", type=_days, help=f"the N days before --until (default: {REPORT_DAYS})"
+    )
     providers.add_argument("--until", type=_instant, help="ISO date or time (default: now)")
     routes = commands.add(
         "routes", cmd_routes, "the plan a new order on SERVICE would get now, and why"

@@ -1,4 +1,8 @@
-"""Reports: providers' money, margins, add outcomes, call latency."""
+"""Reports: providers' money, margins, add outcomes, call latency.
+
+Money and outcomes over a period read whole UTC days from the rollups that migration 0011's
+triggers keep, and only the partial days at the period's edges from the rows themselves.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,44 @@ _RATE_TIMES_QUANTITY: Final = (
     f"CASE WHEN c.type IN ({_placeholders(len(_FLAT_TYPES))}) THEN c.rate * 1000 "
     "ELSE c.rate * o.quantity END"
 )
+# The same for a rollup row of migration 0011: its uncosted orders at the catalogue rate.
+_RATE_TIMES_UNCOSTED: Final = (
+    f"CASE WHEN c.type IN ({_placeholders(len(_FLAT_TYPES))}) THEN c.rate * 1000 * d.uncosted "
+    "ELSE c.rate * d.uncosted_quantity END"
+)
+DAY_SECONDS: Final = 86400  # a UTC day, as migration 0011 numbers them: floor(t / 86400)
+_NO_LAST_DAY: Final = 2**40  # a day number past any time (a period without an end)
+
+
+def _whole_days(since: float, until: float) -> tuple[int, int]:
+    """The UTC days that lie wholly inside [since, until), as day numbers [first, last)
+    (first >= last: none). Exact: d * DAY_SECONDS is an integer, compared with the float."""
+    since = max(since, 0.0)  # no order is older than 1970: the same period
+    first = math.floor(since / DAY_SECONDS)
+    while first * DAY_SECONDS < since:  # the division may round either way
+        first += 1
+    while (first - 1) * DAY_SECONDS >= since:
+        first -= 1
+    if math.isinf(until):
+        return first, _NO_LAST_DAY
+    last = math.floor(until / DAY_SECONDS)
+    while last * DAY_SECONDS > until:
+        last -= 1
+    while (last + 1) * DAY_SECONDS <= until:
+        last += 1
+    return first, last
+
+
+def _edges(since: float, until: float, first: int, last: int) -> list[tuple[float, float]]:
+    """The parts of [since, until) outside the whole days [first, last): read from the rows."""
+    if first >= last:
+        return [(since, until)] if since < until else []
+    edges = []
+    if since < first * DAY_SECONDS:
+        edges.append((since, float(first * DAY_SECONDS)))
+    if last != _NO_LAST_DAY and last * DAY_SECONDS < until:
+        edges.append((float(last * DAY_SECONDS), until))
+    return edges
 
 
 class ReportStore(Database):
@@ -36,20 +78,41 @@ class ReportStore(Database):
         `to_base` converts the provider's currency into the config's (`fx`; 1 for the same).
         An order without a recorded cost (no status yet) is costed at its upstream rate in the
         stored catalogue; one without either is counted in `uncosted` and costs nothing here.
+
+        The whole UTC days of the period are read from migration 0011's rollup (a row per day
+        and route), the partial days at its edges from the orders themselves by their creation
+        time (orders_by_provider): the same figures as summing every order of the period.
         """
-        rows = await self._reader.execute_fetchall(
-            f"SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), "
-            f"coalesce(sum(o.cost), 0), "
-            f"coalesce(sum(o.cost IS NULL AND c.rate IS NOT NULL), 0), "
-            f"coalesce(sum(CASE WHEN o.cost IS NULL THEN {_RATE_TIMES_QUANTITY} END), 0), "
-            f"coalesce(sum(o.cost IS NULL AND c.rate IS NULL), 0) "
-            f"FROM orders o LEFT JOIN route_catalogue c "
-            f"ON c.provider = o.provider AND c.service = o.upstream_service "
-            f"WHERE o.provider = ? AND o.created_at >= ? AND o.created_at < ? "
-            f"AND o.state = 'placed'",
-            (*_FLAT_TYPES, provider, since, until),
-        )
-        orders, revenue, recorded, estimated, milli, uncosted = rows[0]  # type: ignore[index]
+        first, last = _whole_days(since, until)
+        sums = [0] * 6
+        if first < last:
+            rows = await self._reader.execute_fetchall(
+                f"SELECT coalesce(sum(d.orders), 0), coalesce(sum(d.revenue), 0), "
+                f"coalesce(sum(d.cost), 0), "
+                f"coalesce(sum(CASE WHEN c.rate IS NOT NULL THEN d.uncosted END), 0), "
+                f"coalesce(sum({_RATE_TIMES_UNCOSTED}), 0), "
+                f"coalesce(sum(CASE WHEN c.rate IS NULL THEN d.uncosted END), 0) "
+                f"FROM provider_order_days d LEFT JOIN route_catalogue c "
+                f"ON c.provider = d.provider AND c.service = d.upstream_service "
+                f"WHERE d.provider = ? AND d.day >= ? AND d.day < ?",
+                (*_FLAT_TYPES, provider, first, last),
+            )
+            sums = [a + b for a, b in zip(sums, rows[0], strict=True)]  # type: ignore[index]
+        for start, end in _edges(since, until, first, last):
+            rows = await self._reader.execute_fetchall(
+                f"SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), "
+                f"coalesce(sum(o.cost), 0), "
+                f"coalesce(sum(o.cost IS NULL AND c.rate IS NOT NULL), 0), "
+                f"coalesce(sum(CASE WHEN o.cost IS NULL THEN {_RATE_TIMES_QUANTITY} END), 0), "
+                f"coalesce(sum(o.cost IS NULL AND c.rate IS NULL), 0) "
+                f"FROM orders o INDEXED BY orders_by_provider LEFT JOIN route_catalogue c "
+                f"ON c.provider = o.provider AND c.service = o.upstream_service "
+                f"WHERE o.provider = ? AND o.created_at >= ? AND o.created_at < ? "
+                f"AND o.state = 'placed'",
+                (*_FLAT_TYPES, provider, start, end),
+            )
+            sums = [a + b for a, b in zip(sums, rows[0], strict=True)]  # type: ignore[index]
+        orders, revenue, recorded, estimated, milli, uncosted = sums
         return ProviderMargin(
             provider=provider,
             orders=orders,
@@ -87,13 +150,35 @@ class ReportStore(Database):
     async def add_outcomes(
         self, provider: str, *, since: float = 0.0, until: float = math.inf
     ) -> dict[str, int]:
-        """A provider's `add` attempts started in [since, until), counted by outcome."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT outcome, count(*) FROM attempts WHERE provider = ? AND started_at >= ? "
-            "AND started_at < ? GROUP BY outcome",
-            (provider, since, until),
-        )
-        return {row[0]: row[1] for row in rows}
+        """A provider's `add` attempts started in [since, until), counted by outcome.
+
+        Whole UTC days from migration 0011's rollup, the partial days at the edges from the
+        attempts by outcome and start time (attempts_by_provider), as provider_margin does.
+        """
+        first, last = _whole_days(since, until)
+        counts: dict[str, int] = {}
+        if first < last:
+            rows = await self._reader.execute_fetchall(
+                "SELECT outcome, sum(attempts) FROM provider_attempt_days "
+                "WHERE provider = ? AND day >= ? AND day < ? GROUP BY outcome",
+                (provider, first, last),
+            )
+            for outcome, count in rows:
+                counts[outcome] = counts.get(outcome, 0) + count
+        for start, end in _edges(since, until, first, last):
+            # One range of the index per outcome the provider ever had (the rollup knows them
+            # all): a range on started_at alone would read every attempt of the provider.
+            rows = await self._reader.execute_fetchall(
+                "SELECT outcomes.outcome, (SELECT count(*) FROM attempts a "
+                "INDEXED BY attempts_by_provider WHERE a.provider = ?1 "
+                "AND a.outcome = outcomes.outcome AND a.started_at >= ?2 AND a.started_at < ?3) "
+                "FROM (SELECT DISTINCT outcome FROM provider_attempt_days WHERE provider = ?1) "
+                "outcomes",
+                (provider, start, end),
+            )
+            for outcome, count in rows:
+                counts[outcome] = counts.get(outcome, 0) + count
+        return {outcome: count for outcome, count in counts.items() if count}
 
     async def call_latency(
         self, provider: str, *, since: float = 0.0, until: float = math.inf

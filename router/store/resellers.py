@@ -47,11 +47,12 @@ class ResellerStore(Database):
         return Reseller(*rows[0]) if rows else None  # type: ignore[index]
 
     async def list_resellers(self) -> list[ResellerSummary]:
+        """Every reseller with its orders (not failed) and its ledger sum, from the totals that
+        migration 0011's triggers keep as orders and ledger rows are written: no scan of either.
+        A reseller without a row there has no order and no ledger row yet."""
         rows = await self._reader.execute_fetchall(
-            "SELECT r.id, r.name, r.enabled, r.balance, "
-            "(SELECT count(*) FROM orders o WHERE o.reseller_id = r.id AND o.state <> 'failed'), "
-            "(SELECT coalesce(sum(amount), 0) FROM ledger l WHERE l.reseller_id = r.id) "
-            "FROM resellers r ORDER BY r.name"
+            "SELECT id, name, enabled, balance, coalesce(orders, 0), coalesce(ledger, 0) "
+            "FROM resellers LEFT JOIN reseller_totals ON reseller_id = id ORDER BY name"
         )
         return [ResellerSummary(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
 
