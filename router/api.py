@@ -25,15 +25,13 @@ from router.config import Config
 from router.limits import Admission, RequestLimiter
 from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
 from router.orders import OrderDesk, reseller_status
-from router.store import Order, Reseller
+from router.store import OrderStatus, Reseller
 
 log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
 TOO_MANY_REQUESTS_STATUS: Final = 429
-# A drip-feed order's stored params hold `runs`; this finds them without decoding every order's.
-_RUNS_FIELD: Final = '"runs"'
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -159,7 +157,7 @@ def _with_idempotency_key(params: dict[str, str], request: web.Request) -> dict[
     return params
 
 
-def order_view(order: Order, currency: str) -> dict[str, str]:
+def order_view(order: OrderStatus, currency: str) -> dict[str, str]:
     """`status` of one order, as V2.md shapes it (every value a string).
 
     `charge` is what the reseller finally paid: the charge less what the ledger gave back
@@ -173,10 +171,8 @@ def order_view(order: Order, currency: str) -> dict[str, str]:
         "remains": str(order.quantity if order.remains is None else order.remains),
         "currency": currency,
     }
-    if _RUNS_FIELD in order.params_json:  # decode only the few orders that may hold it
-        runs = order.params.get("runs")
-        if runs is not None:
-            view["runs"] = str(runs)
+    if order.runs is not None:
+        view["runs"] = order.runs
     return view
 
 
@@ -291,7 +287,7 @@ class V2Api:
     async def status(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
         if "orders" in params:
             ids = v2.parse_id_list(params["orders"])
-            orders = await self.desk.orders(reseller, [i for _, i in ids if i])
+            orders = await self.desk.statuses(reseller, [i for _, i in ids if i])
             return {
                 sent: order_view(orders[i], self.currency)
                 if i in orders
@@ -299,7 +295,7 @@ class V2Api:
                 for sent, i in ids
             }
         order_id = _single_id(params.get("order"))
-        order = (await self.desk.orders(reseller, [order_id])).get(order_id)
+        order = (await self.desk.statuses(reseller, [order_id])).get(order_id)
         if order is None:
             raise v2.V2Error(v2.INCORRECT_ORDER)
         return order_view(order, self.currency)

@@ -301,6 +301,9 @@ RELEASED_MIGRATIONS = {
         "7e5a414f51b78ae73e39fa786b3a239afc55581df303db0cc77cf996e4fec29c"
     ),
     "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
+    "0013_status_covering_index.sql": (
+        "57257bd65bd6a84532d3d14dc9a3559209a23a00c480b132f2da09d21f80d07e"
+    ),
 }
 
 
