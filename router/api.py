@@ -9,6 +9,7 @@ Business rules live in `router.orders`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -32,6 +33,11 @@ log = structlog.get_logger("router.api")
 JSON: Final = "application/json"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
 TOO_MANY_REQUESTS_STATUS: Final = 429
+# `status` formats up to 100 charges per request, most of them the same few amounts (one
+# service, one quantity): formatted once each. A pure function of the integer: nothing it keeps
+# can go stale.
+MONEY_FORMATS_KEPT: Final = 4096
+_format_charge: Final = functools.lru_cache(maxsize=MONEY_FORMATS_KEPT)(v2.format_money)
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -165,7 +171,7 @@ def order_view(order: OrderStatus, currency: str) -> dict[str, str]:
     A drip-feed order also carries `runs`: SmartPanel-based panels refund wrongly without it.
     """
     view = {
-        "charge": v2.format_money(order.charge - order.refunded),
+        "charge": _format_charge(order.charge - order.refunded),
         "start_count": str(order.start_count or 0),
         "status": reseller_status(order),
         "remains": str(order.quantity if order.remains is None else order.remains),
