@@ -29,17 +29,18 @@ log = structlog.get_logger("router.store")
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
 _BALANCE_CHECK: Final = "CHECK constraint failed: balance"  # resellers.balance >= 0 (0001)
 BUSY_TIMEOUT_MS: Final = 10_000  # a statement's wait for the write lock (Store.open's default)
-# Each connection's page cache (SQLite's default: 2 MB): the pages a write path or a report
-# walks again and again at millions of orders (the right edge of each growing index, the orders
-# being placed and synced) stay cached. A reader's cache is emptied whenever another connection
-# commits (SQLite's WAL readers start again then), so it is not what keeps the hot reads warm.
-CACHE_KIB: Final = 16 * 1024
-# The hot reads' connection maps the database file (SQLite caps this at its build's maximum,
-# 0x7fff0000 in the usual builds): its pages are read in place, without a copy or a system call,
-# and stay mapped across other connections' commits. 2 GiB is the whole file up to about 4M
-# orders as tests/bench_fill.py makes them (530 MB a million, with their attempts, ledger rows
-# and calls; the status index a twelfth of that); past it, the page cache takes the rest.
+# The hot reads' connection (Database._read_now) maps the database file (SQLite caps this at
+# its build's maximum, 0x7fff0000 in the usual builds): pages are read in place, without a copy
+# or a system call, and stay mapped across other connections' commits, which empty a WAL
+# reader's page cache. 2 GiB is the whole file up to about 4M orders as tests/bench_fill.py
+# makes them (530 MB a million with their attempts, ledger rows and calls, of which 43 MB is
+# the status index orders_status; 10M orders: about 5.3 GB, 430 MB of it that index).
 HOT_MMAP_BYTES: Final = 2 * 1024**3
+# Its page cache (SQLite's default: 2 MB) holds what the map does not: WAL pages, and the pages
+# past the map's end in a bigger file, such as the status index of about 400k orders.
+# The other connections keep the default: the sync and the reports read wide ranges, and
+# whatever a cache holds stays in the process (the sync's RSS bound is 200 MB).
+HOT_CACHE_KIB: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +346,6 @@ async def _connect(
             await db.set_trace_callback(trace)
         await db.execute_fetchall(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         await db.execute_fetchall("PRAGMA foreign_keys=ON")
-        await db.execute_fetchall(f"PRAGMA cache_size=-{CACHE_KIB}")
         await db.execute_fetchall(
             "PRAGMA synchronous=FULL"
         )  # a committed ledger row survives power loss
@@ -366,7 +366,7 @@ def _connect_hot(path: Path | str, *, trace: SqlTrace | None = None) -> sqlite3.
         for pragma in (
             "busy_timeout=0",
             "query_only=ON",
-            f"cache_size=-{CACHE_KIB}",
+            f"cache_size=-{HOT_CACHE_KIB}",
             f"mmap_size={HOT_MMAP_BYTES}",
         ):
             db.execute(f"PRAGMA {pragma}").fetchall()
