@@ -9,6 +9,7 @@ Business rules live in `router.orders`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -25,15 +26,18 @@ from router.config import Config
 from router.limits import Admission, RequestLimiter
 from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
 from router.orders import OrderDesk, reseller_status
-from router.store import Order, Reseller
+from router.store import OrderStatus, Reseller
 
 log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
 TOO_MANY_REQUESTS_STATUS: Final = 429
-# A drip-feed order's stored params hold `runs`; this finds them without decoding every order's.
-_RUNS_FIELD: Final = '"runs"'
+# `status` formats up to 100 charges per request, most of them the same few amounts (one
+# service, one quantity): formatted once each. A pure function of the integer: nothing it keeps
+# can go stale.
+MONEY_FORMATS_KEPT: Final = 4096
+_format_charge: Final = functools.lru_cache(maxsize=MONEY_FORMATS_KEPT)(v2.format_money)
 
 # Short, stable outcome labels for metrics and logs, one per V2.md error.
 _OUTCOMES: Final[dict[str, str]] = {
@@ -159,7 +163,7 @@ def _with_idempotency_key(params: dict[str, str], request: web.Request) -> dict[
     return params
 
 
-def order_view(order: Order, currency: str) -> dict[str, str]:
+def order_view(order: OrderStatus, currency: str) -> dict[str, str]:
     """`status` of one order, as V2.md shapes it (every value a string).
 
     `charge` is what the reseller finally paid: the charge less what the ledger gave back
@@ -167,16 +171,14 @@ def order_view(order: Order, currency: str) -> dict[str, str]:
     A drip-feed order also carries `runs`: SmartPanel-based panels refund wrongly without it.
     """
     view = {
-        "charge": v2.format_money(order.charge - order.refunded),
+        "charge": _format_charge(order.charge - order.refunded),
         "start_count": str(order.start_count or 0),
         "status": reseller_status(order),
         "remains": str(order.quantity if order.remains is None else order.remains),
         "currency": currency,
     }
-    if _RUNS_FIELD in order.params_json:  # decode only the few orders that may hold it
-        runs = order.params.get("runs")
-        if runs is not None:
-            view["runs"] = str(runs)
+    if order.runs is not None:
+        view["runs"] = order.runs
     return view
 
 
@@ -291,7 +293,7 @@ class V2Api:
     async def status(self, reseller: Reseller, params: Mapping[str, str]) -> Any:
         if "orders" in params:
             ids = v2.parse_id_list(params["orders"])
-            orders = await self.desk.orders(reseller, [i for _, i in ids if i])
+            orders = await self.desk.statuses(reseller, [i for _, i in ids if i])
             return {
                 sent: order_view(orders[i], self.currency)
                 if i in orders
@@ -299,7 +301,7 @@ class V2Api:
                 for sent, i in ids
             }
         order_id = _single_id(params.get("order"))
-        order = (await self.desk.orders(reseller, [order_id])).get(order_id)
+        order = (await self.desk.statuses(reseller, [order_id])).get(order_id)
         if order is None:
             raise v2.V2Error(v2.INCORRECT_ORDER)
         return order_view(order, self.currency)

@@ -302,6 +302,9 @@ RELEASED_MIGRATIONS = {
     ),
     "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
     "0011_report_rollups.sql": "0da8f8d27ae471a405cbfb010370f9fe7041511fcb5947d81d0661e96eaeaacb",
+    "0013_status_covering_index.sql": (
+        "57257bd65bd6a84532d3d14dc9a3559209a23a00c480b132f2da09d21f80d07e"
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from router.config import Config, Service
 from router.fleet import Fleet
 from router.metrics import Metrics
 from router.routing import Plan
-from router.store import Order, Reseller, Store
+from router.store import Order, OrderStatus, Reseller, Store
 from router.upstream import UpstreamClient
 
 # Refill and cancel calls at once to one provider, over every reseller's requests: a reseller
@@ -20,7 +20,7 @@ from router.upstream import UpstreamClient
 FORWARD_CALLS_IN_FLIGHT: Final = 4
 
 
-def reseller_status(order: Order) -> str:
+def reseller_status(order: Order | OrderStatus) -> str:
     """The v2 word a reseller sees: an order not yet placed upstream is Pending; a held order
     the operator canceled shows its Canceled."""
     return order.status if order.state in ("placed", "canceled") else v2.PENDING
@@ -80,3 +80,10 @@ class DeskBase:
     async def orders(self, reseller: Reseller, order_ids: Sequence[int]) -> dict[int, Order]:
         """The reseller's orders among `order_ids`; another reseller's look unknown."""
         return await self.store.orders_of(reseller.id, order_ids)
+
+    async def statuses(
+        self, reseller: Reseller, order_ids: Sequence[int]
+    ) -> dict[int, OrderStatus]:
+        """What `status` shows of the reseller's orders among `order_ids`; another reseller's
+        look unknown."""
+        return await self.store.order_statuses(reseller.id, order_ids)

@@ -8,12 +8,12 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
@@ -29,6 +29,18 @@ log = structlog.get_logger("router.store")
 CALL_RETENTION_SECONDS: Final = 30 * 24 * 3600.0
 _BALANCE_CHECK: Final = "CHECK constraint failed: balance"  # resellers.balance >= 0 (0001)
 BUSY_TIMEOUT_MS: Final = 10_000  # a statement's wait for the write lock (Store.open's default)
+# The hot reads' connection (Database._read_now) maps the database file (SQLite caps this at
+# its build's maximum, 0x7fff0000 in the usual builds): pages are read in place, without a copy
+# or a system call, and stay mapped across other connections' commits, which empty a WAL
+# reader's page cache. 2 GiB is the whole file up to about 4M orders as tests/bench_fill.py
+# makes them (530 MB a million with their attempts, ledger rows and calls, of which 43 MB is
+# the status index orders_status; 10M orders: about 5.3 GB, 430 MB of it that index).
+HOT_MMAP_BYTES: Final = 2 * 1024**3
+# Its page cache (SQLite's default: 2 MB) holds what the map does not: WAL pages, and the pages
+# past the map's end in a bigger file, such as the status index of about 400k orders.
+# The other connections keep the default: the sync and the reports read wide ranges, and
+# whatever a cache holds stays in the process (the sync's RSS bound is 200 MB).
+HOT_CACHE_KIB: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +176,9 @@ def _placeholders(count: int) -> str:
 class Database:
     """The router's SQLite database. Open with `await Store.open(path)`."""
 
+    # The hot reads' connection, on the event loop (`_read_now`); None: read through _reader.
+    _hot: sqlite3.Connection | None = None
+
     def __init__(
         self,
         writer: aiosqlite.Connection,
@@ -218,6 +233,7 @@ class Database:
             opened.append(reader := await _connect(path, busy, trace=trace))
             store = cls(writer, statements, reader, settle_retry=settle_retry or SETTLE_RETRY)
             await store._migrate()
+            store._hot = _connect_hot(path, trace=trace)
         except BaseException as exc:
             for db in opened:  # each runs a thread that would keep the process from exiting
                 with suppress(sqlite3.Error):
@@ -230,6 +246,8 @@ class Database:
     async def close(self) -> None:
         for db in dict.fromkeys((self._reader, self._statements, self._writer)):
             await db.close()  # each connection once: a read-only store has one in three roles
+        if self._hot is not None:
+            self._hot.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -290,6 +308,25 @@ class Database:
             return set()
         return {row[0] for row in await db.execute_fetchall("SELECT name FROM schema_migrations")}
 
+    async def _read_now(self, sql: str, args: Sequence[object]) -> list[Any]:
+        """The rows of ONE small indexed read, run on the event loop itself: no thread hop.
+
+        Only for the hot reads (the key of every request, `status` of up to 100 orders): a
+        lookup by index in mapped pages takes microseconds, less than a hop to aiosqlite's
+        thread and back, and a WAL reader never waits for the writer. Should the database be
+        locked all the same (a crashed writer's WAL being recovered, a checkpoint resetting
+        the WAL), the read goes to aiosqlite's thread instead, which waits out the busy timeout
+        there: the event loop never waits for a lock. Each call is its own read transaction,
+        so it sees every commit made before it, the CLI's included.
+        """
+        if self._hot is not None:
+            try:
+                return self._hot.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+        return list(await self._reader.execute_fetchall(sql, args))
+
 
 async def _connect(
     path: Path | str,
@@ -314,6 +351,27 @@ async def _connect(
         )  # a committed ledger row survives power loss
     except BaseException:
         await db.close()  # its thread would keep the process from exiting
+        raise
+    return db
+
+
+def _connect_hot(path: Path | str, *, trace: SqlTrace | None = None) -> sqlite3.Connection:
+    """The plain sqlite3 connection of the hot reads (Database._read_now), made and used on the
+    event loop's thread. It only reads (query_only) and never waits for a lock (busy timeout 0:
+    _read_now takes a busy database to aiosqlite's thread)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        if trace is not None:
+            db.set_trace_callback(trace)
+        for pragma in (
+            "busy_timeout=0",
+            "query_only=ON",
+            f"cache_size=-{HOT_CACHE_KIB}",
+            f"mmap_size={HOT_MMAP_BYTES}",
+        ):
+            db.execute(f"PRAGMA {pragma}").fetchall()
+    except BaseException:
+        db.close()
         raise
     return db
 

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Final
+from typing import Final, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,25 @@ class Order:
         """Decoded when asked: `status` reads up to 100 orders and never needs them."""
         params: dict[str, str] = json.loads(self.params_json)
         return params
+
+
+class OrderStatus(NamedTuple):
+    """What a reseller's `status` shows of one of its orders (router.api.order_view).
+
+    A named tuple rather than a frozen dataclass: `status` makes up to 100 per request straight
+    from the rows of one index (Store.order_statuses), and a tuple is built in a fifth of the
+    time a frozen dataclass' `__init__` takes.
+    """
+
+    id: int
+    state: str
+    status: str
+    quantity: int
+    charge: int
+    refunded: int
+    start_count: int | None
+    remains: int | None
+    runs: str | None  # a drip-feed order's runs, from its params (migration 0013)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +248,9 @@ _ORDER_COLUMNS: Final = (
     "upstream_service, upstream_order, start_count, remains, created_at, refunded, request_id, "
     "config_version"
 )
+
+# In orders_status's column order (migration 0013): the index alone answers.
+_STATUS_COLUMNS: Final = "id, state, status, quantity, charge, refunded, start_count, remains, runs"
 
 
 def _order(row: sqlite3.Row) -> Order:

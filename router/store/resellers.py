@@ -33,12 +33,13 @@ class ResellerStore(Database):
         return Reseller(reseller_id, name, True, balance)
 
     async def reseller_by_key_hash(self, key_hash: str) -> Reseller | None:
-        """The enabled reseller holding this key hash, or None."""
-        rows = await self._reader.execute_fetchall(
+        """The enabled reseller holding this key hash, or None: read at every request (a key
+        the CLI disabled or rotated is refused at once), by index, on the event loop."""
+        rows = await self._read_now(
             "SELECT id, name, enabled, balance FROM resellers WHERE key_hash = ? AND enabled = 1",
             (key_hash,),
         )
-        return Reseller(*rows[0]) if rows else None  # type: ignore[index]
+        return Reseller(*rows[0]) if rows else None
 
     async def reseller_by_name(self, name: str) -> Reseller | None:
         rows = await self._reader.execute_fetchall(
