@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import math
 import signal
 import socket
 import time
@@ -34,7 +36,13 @@ from router.fleet import Fleet
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
-from router.store import CALL_RETENTION_SECONDS, SqlTrace, Store
+from router.store import (
+    CALL_BATCH_ROWS,
+    CALL_RAW_RETENTION_SECONDS,
+    CALL_RETENTION_SECONDS,
+    SqlTrace,
+    Store,
+)
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
 from router.upstream import CallRecord, UpstreamClient
@@ -44,7 +52,9 @@ log = structlog.get_logger("router.app")
 CALL_FLUSH_INTERVAL: Final = 1.0
 CALL_FLUSH_BATCH: Final = 500
 CALL_BACKLOG_LIMIT: Final = 50_000  # call records kept while the database cannot take them
+CALL_ROLLUP_INTERVAL: Final = 60.0  # raw call records rolled up into their minutes
 CALL_PRUNE_INTERVAL: Final = 3600.0
+CALL_BATCH_PAUSE: Final = 0.01  # between two roll-up or prune batches: other writes go first
 CONNECTIONS_PER_PROVIDER: Final = 100
 # An idle pooled connection is dropped before the upstream's server would close it (Apache's
 # default is 5 s): an `add` written to a connection the server just closed fails with a reset,
@@ -129,19 +139,51 @@ class CallLog:
             raise
 
     async def run(self) -> None:
-        """Flush every CALL_FLUSH_INTERVAL (or at once when a batch fills); prune old records."""
-        pruned_at = 0.0
+        """Flush every CALL_FLUSH_INTERVAL, or at once when a batch fills."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), CALL_FLUSH_INTERVAL)
             self._wake.clear()
             try:
                 await self.flush()
-                if time.monotonic() - pruned_at > CALL_PRUNE_INTERVAL:
-                    await self.store.prune_calls(time.time() - CALL_RETENTION_SECONDS)
-                    pruned_at = time.monotonic()
             except Exception:
                 log.exception("call_log_flush_failed")
+
+    async def tidy(self) -> None:
+        """Every CALL_ROLLUP_INTERVAL, roll the records written into their minutes' rollups;
+        every CALL_PRUNE_INTERVAL, delete the raw ones past CALL_RAW_RETENTION_SECONDS and the
+        rollups past CALL_RETENTION_SECONDS.
+
+        All in batches of the store's CALL_BATCH_ROWS, each its own short statement or
+        transaction, with a pause between two: a reserve or a settle waits for one batch at
+        most, never for a backlog (a database upgraded with millions of raw rows).
+        """
+        pruned_at = -math.inf
+        while True:
+            await asyncio.sleep(CALL_ROLLUP_INTERVAL)
+            try:
+                await _in_batches(self.store.roll_up_calls)
+                if time.monotonic() - pruned_at > CALL_PRUNE_INTERVAL:
+                    now = time.time()
+                    raw_before = now - CALL_RAW_RETENTION_SECONDS
+                    await _in_batches(functools.partial(self.store.prune_raw_calls, raw_before))
+                    before = now - CALL_RETENTION_SECONDS
+                    await _in_batches(functools.partial(self.store.prune_calls, before))
+                    pruned_at = time.monotonic()
+            except Exception:
+                log.exception("call_rollup_failed")
+
+
+async def _in_batches(batch: Callable[[], Awaitable[int]]) -> int:
+    """Run `batch` (a store method doing at most CALL_BATCH_ROWS rows) until it does fewer,
+    pausing between two; how many rows in all."""
+    total = 0
+    while True:
+        done = await batch()
+        total += done
+        if done < CALL_BATCH_ROWS:
+            return total
+        await asyncio.sleep(CALL_BATCH_PAUSE)
 
 
 CALLS: Final = web.AppKey("calls", CallLog)
@@ -189,6 +231,23 @@ async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await calls.flush()
+
+
+def _call_rollup_ctx(
+    background: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Call records rolled up and pruned (CallLog.tidy); only with `background` (tests call
+    the store's steps)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[CALLS].tidy(), name="call-rollup") if background else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -378,6 +437,7 @@ def create_app(
     )
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
+    app.cleanup_ctx.append(_call_rollup_ctx(background))
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_placing_sweep_ctx(background))
     app.cleanup_ctx.append(_order_sync_ctx(background))

@@ -301,6 +301,7 @@ RELEASED_MIGRATIONS = {
         "7e5a414f51b78ae73e39fa786b3a239afc55581df303db0cc77cf996e4fec29c"
     ),
     "0010_money_totals.sql": "c71b5d44060cd23d27dbb8d536ada05d2947ed65402b747a5584c2046d247163",
+    "0012_call_rollups.sql": "3a43b561d06d270d107cfaf4e5dc1759f53d8c0960c323476b40b37ae0e9ebc4",
 }
 
 
