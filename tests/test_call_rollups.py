@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-import router.app
-from router.app import CallLog
+import router.call_log
+from router.call_log import CallLog
 from router.metrics import Metrics
 from router.store import (
     CALL_BATCH_ROWS,
@@ -377,7 +377,7 @@ async def test_the_background_task_rolls_up_and_prunes_in_batches(
     """CallLog.tidy, as the server runs it: every raw row rolled up, the raw rows past their
     retention and the rollups past theirs deleted, CALL_BATCH_ROWS per statement (seen in the
     store's SQL trace), with what is left counted exactly."""
-    monkeypatch.setattr(router.app, "CALL_ROLLUP_INTERVAL", 0.01)
+    monkeypatch.setattr(router.call_log, "CALL_ROLLUP_INTERVAL", 0.01)
     database = tmp_path / "router.db"
     statements: list[str] = []
     store = await open_store(database, trace=statements.append)

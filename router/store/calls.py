@@ -1,6 +1,6 @@
 """Upstream call records: written raw in batches, rolled up per minute, pruned in batches.
 
-Each call is first a raw row of `upstream_calls` (CallLog in router/app.py writes them in
+Each call is first a raw row of `upstream_calls` (CallLog in router/call_log.py writes them in
 batches). The server's background task (CallLog.tidy) rolls them up, in id order and
 CALL_BATCH_ROWS at a time, into `upstream_call_minutes` (migration 0012): one row per provider,
 minute, action and outcome, with a latency histogram over CALL_LATENCY_BUCKETS. A watermark
