@@ -28,23 +28,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router import __version__, reload, v2
 from router.api import V2Api, json_response
+from router.call_log import CallLog
 from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, ConfigError
 from router.config import load as load_config
 from router.fleet import Fleet
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
-from router.store import CALL_RETENTION_SECONDS, SqlTrace, Store
+from router.store import SqlTrace, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
-from router.upstream import CallRecord, UpstreamClient
+from router.upstream import UpstreamClient
 
 log = structlog.get_logger("router.app")
 
-CALL_FLUSH_INTERVAL: Final = 1.0
-CALL_FLUSH_BATCH: Final = 500
-CALL_BACKLOG_LIMIT: Final = 50_000  # call records kept while the database cannot take them
-CALL_PRUNE_INTERVAL: Final = 3600.0
 CONNECTIONS_PER_PROVIDER: Final = 100
 # An idle pooled connection is dropped before the upstream's server would close it (Apache's
 # default is 5 s): an `add` written to a connection the server just closed fails with a reset,
@@ -94,56 +91,6 @@ class LiveConfig:
 LIVE: Final = web.AppKey("live", LiveConfig)
 
 
-class CallLog:
-    """Upstream call records: counted in metrics at once, written to SQLite in batches."""
-
-    def __init__(self, store: Store, metrics: Metrics) -> None:
-        self.store = store
-        self.metrics = metrics
-        self._pending: list[CallRecord] = []
-        self._wake = asyncio.Event()
-
-    def record(self, call: CallRecord) -> None:
-        self.metrics.upstream_requests.labels(
-            provider=call.provider, action=call.action, outcome=str(call.outcome)
-        ).inc()
-        self.metrics.upstream_duration.labels(provider=call.provider, action=call.action).observe(
-            call.latency
-        )
-        self._pending.append(call)
-        if len(self._pending) >= CALL_FLUSH_BATCH:
-            self._wake.set()
-
-    async def flush(self) -> None:
-        """Write what is pending; on failure (the database locked past its busy timeout) keep
-        it for the next flush, up to CALL_BACKLOG_LIMIT records, the oldest dropped first."""
-        batch, self._pending = self._pending, []
-        try:
-            await self.store.record_calls(batch)
-        except BaseException:
-            kept = (batch + self._pending)[-CALL_BACKLOG_LIMIT:]
-            dropped = len(batch) + len(self._pending) - len(kept)
-            self._pending = kept
-            if dropped:
-                log.warning("call_records_dropped", count=dropped)
-            raise
-
-    async def run(self) -> None:
-        """Flush every CALL_FLUSH_INTERVAL (or at once when a batch fills); prune old records."""
-        pruned_at = 0.0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), CALL_FLUSH_INTERVAL)
-            self._wake.clear()
-            try:
-                await self.flush()
-                if time.monotonic() - pruned_at > CALL_PRUNE_INTERVAL:
-                    await self.store.prune_calls(time.time() - CALL_RETENTION_SECONDS)
-                    pruned_at = time.monotonic()
-            except Exception:
-                log.exception("call_log_flush_failed")
-
-
 CALLS: Final = web.AppKey("calls", CallLog)
 
 
@@ -189,6 +136,23 @@ async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await calls.flush()
+
+
+def _call_rollup_ctx(
+    background: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Call records rolled up and pruned (CallLog.tidy); only with `background` (tests call
+    the store's steps)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(app[CALLS].tidy(), name="call-rollup") if background else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -378,6 +342,7 @@ def create_app(
     )
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_call_log_ctx)
+    app.cleanup_ctx.append(_call_rollup_ctx(background))
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_placing_sweep_ctx(background))
     app.cleanup_ctx.append(_order_sync_ctx(background))

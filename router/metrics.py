@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from router import __version__, v2
 from router.health import STATES
 from router.routing import REASONS
-from router.store import HeldAges, ProviderTotals, Store
+from router.store import CALL_LATENCY_BUCKETS, HeldAges, ProviderTotals, Store
 
 ACTIONS: Final = (
     "services",
@@ -54,7 +54,8 @@ SKIP_REASONS: Final = tuple(str(reason) for reason in REASONS)  # router.routing
 CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
 RELOAD_OUTCOMES: Final = ("applied", "refused")
 
-_LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The bounds of the store's latency rollups too: `providers` and a dashboard see one histogram.
+_LATENCY_BUCKETS: Final = CALL_LATENCY_BUCKETS
 # smm_router_orders_held_by_age{age}: each bucket's label and the age (seconds) it starts at.
 HELD_AGE_BUCKETS: Final = (
     ("lt_1h", 0.0),

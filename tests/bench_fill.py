@@ -19,9 +19,11 @@ connection so that the bench depends on the schema, not on the store's Python AP
 
 at provider PROVIDERS[i % 3], of reseller (i // 7) % len(resellers), created over the last
 CREATED_DAYS days; each order has one attempt (accepted, refused or ambiguous) and one `add`
-call record, and every 10th a `status` call record too. The k-th active order (k from 0) is
-upstream order SIM_FIRST_ID + k at every provider: the simulator of the bench creates exactly
-those (`SimProvider.create_orders`), every 5th of them ending Partial with a quarter left.
+call record, and every 10th a `status` call record too, rolled up per minute as the router's
+background task leaves them (raw rows kept only for the last CALL_RAW_RETENTION_SECONDS).
+The k-th active order (k from 0) is upstream order SIM_FIRST_ID + k at every provider: the
+simulator of the bench creates exactly those (`SimProvider.create_orders`), every 5th of them
+ending Partial with a quarter left.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Final
 
 from router import v2
+from router.store import CALL_RAW_RETENTION_SECONDS
+from router.store.calls import _ROLL_UP
 
 PROVIDERS: Final = ("alpha", "beta", "gamma")
 RESELLERS: Final = tuple(f"shop-{n}" for n in range(1, 6))
@@ -125,6 +129,17 @@ FROM orders
 UNION ALL
 SELECT provider, 'status', created_at + 60, 0.030 + (id % 40) * 0.002, 'accepted'
 FROM orders WHERE id % 10 = 0
+ORDER BY 3
+"""
+
+# The router's steady state (router.store.calls): every call rolled up by the store's own
+# roll-up statement, the watermark past them, raw rows kept only for the raw retention.
+_ROLLED_UP: Final = """
+UPDATE counters SET value = (SELECT coalesce(max(id), 0) FROM upstream_calls)
+WHERE name = 'upstream_calls_rolled_up'
+"""
+_RAW_PRUNED: Final = """
+DELETE FROM upstream_calls WHERE started_at < ?1 AND id < (SELECT max(id) FROM upstream_calls)
 """
 
 
@@ -152,7 +167,8 @@ class Expected:
 
     count: int
     filled: float = 0.0  # seconds the fill took
-    steps: list[float] = field(default_factory=list)  # orders, refunds, attempts, calls
+    # orders, refunds, attempts, calls, their roll-up, its watermark, the raw rows' pruning
+    steps: list[float] = field(default_factory=list)
     balances: dict[int, int] = field(default_factory=dict)  # reseller ID -> minor units
     shown: dict[int, int] = field(default_factory=dict)  # reseller ID -> orders not failed
     kinds: dict[str, int] = field(default_factory=dict)
@@ -209,6 +225,9 @@ def fill(database: Path, count: int, reseller_ids: list[int], *, due_at: float) 
             (_REFUNDS, ()),
             (_ATTEMPTS, ()),
             (_CALLS, ()),
+            (_ROLL_UP, (0, 2**62)),
+            (_ROLLED_UP, ()),
+            (_RAW_PRUNED, (now - CALL_RAW_RETENTION_SECONDS,)),
         ):
             began = time.perf_counter()
             db.execute(statement, args)

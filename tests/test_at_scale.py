@@ -122,9 +122,9 @@ def _unindexed(step: str) -> bool:
 
 
 # The growing tables (and the reports' aliases of them) a report must not read a provider's
-# every row of. upstream_calls is not held to it yet: Store.call_latency's percentiles move to
-# per-minute rollups of their own (migration 0012), and read the calls by provider until then.
-HISTORY = {"orders", "o", "attempts", "a", "ledger", "l"}
+# every row of (call latency reads the per-minute rollups of migration 0012, and the raw calls
+# not rolled up yet by id).
+HISTORY = {"orders", "o", "attempts", "a", "ledger", "l", "upstream_calls"}
 
 
 def history_reads(database: Path, statements: Iterable[str]) -> dict[str, list[str]]:

@@ -9,15 +9,21 @@ Usage::
 The modules: `database` (connections, migrations, the write path), `records` (the dataclasses
 the store returns), `resellers` (resellers and the ledger), `orders` (reserve, settle, look up),
 `held` (the operator's resolutions), `sync` (refills and the status sync), `calls` (upstream
-call records), `providers` (balances, breaker transitions, spend, catalogues), `reports`
-(providers' money, margins, latency). Money is integer minor units (router.v2.MINOR_PER_UNIT).
+call records, their rollups, latency), `providers` (balances, breaker transitions, spend,
+catalogues), `reports` (providers' money, margins). Money is integer minor units
+(router.v2.MINOR_PER_UNIT).
 The invariants that matter (balance never below zero, balance = sum of the ledger, one refund
 per order) are enforced by the schema itself, so neither a race nor the CLI can break them.
 """
 
 from __future__ import annotations
 
-from router.store.calls import CallStore
+from router.store.calls import (
+    CALL_BATCH_ROWS,
+    CALL_LATENCY_BUCKETS,
+    CALL_RAW_RETENTION_SECONDS,
+    CallStore,
+)
 from router.store.database import (
     BUSY_TIMEOUT_MS,
     CALL_RETENTION_SECONDS,
@@ -70,6 +76,9 @@ from router.store.sync import SyncStore
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "CALL_BATCH_ROWS",
+    "CALL_LATENCY_BUCKETS",
+    "CALL_RAW_RETENTION_SECONDS",
     "CALL_RETENTION_SECONDS",
     "SETTLE_RETRY",
     "WAL_RETRY_SECONDS",

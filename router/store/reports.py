@@ -1,4 +1,4 @@
-"""Reports: providers' money, margins, add outcomes, call latency.
+"""Reports: providers' money, margins, add outcomes (call latency: router.store.calls).
 
 Money and outcomes over a period read whole UTC days from the rollups that migration 0011's
 triggers keep, and only the partial days at the period's edges from the rows themselves.
@@ -12,7 +12,7 @@ from typing import Final
 
 from router import v2
 from router.store.database import Database, _placeholders
-from router.store.records import CallLatency, OrderMargin, ProviderMargin, ProviderTotals, _estimate
+from router.store.records import OrderMargin, ProviderMargin, ProviderTotals, _estimate
 
 # An order's upstream cost at its catalogue rate, times 1000 (in minor units of the provider's
 # currency): rate x quantity, or rate x 1000 for the flat types, which cost `rate` per order.
@@ -179,24 +179,3 @@ class ReportStore(Database):
             for outcome, count in rows:
                 counts[outcome] = counts.get(outcome, 0) + count
         return {outcome: count for outcome, count in counts.items() if count}
-
-    async def call_latency(
-        self, provider: str, *, since: float = 0.0, until: float = math.inf
-    ) -> CallLatency:
-        """Median and 95th percentile (nearest rank) of a provider's calls in [since, until)."""
-        where = "WHERE provider = ? AND started_at >= ? AND started_at < ?"
-        args = (provider, since, until)
-        rows = await self._reader.execute_fetchall(
-            f"SELECT count(*) FROM upstream_calls {where}", args
-        )
-        count = int(rows[0][0])  # type: ignore[index]
-        if not count:
-            return CallLatency(0, None, None)
-        ranked: list[float] = []
-        for share in (0.5, 0.95):
-            rows = await self._reader.execute_fetchall(
-                f"SELECT latency FROM upstream_calls {where} ORDER BY latency LIMIT 1 OFFSET ?",
-                (*args, max(math.ceil(share * count) - 1, 0)),
-            )
-            ranked.append(float(rows[0][0]))  # type: ignore[index]
-        return CallLatency(count, ranked[0], ranked[1])
