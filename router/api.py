@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import time
 import uuid
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from router import v2
 from router.config import Config
+from router.keys import hash_key
 from router.limits import Admission, RequestLimiter
 from router.metrics import ACTIONS, UNKNOWN_ACTION, Metrics
 from router.orders import OrderDesk, reseller_status
@@ -54,11 +54,6 @@ _OUTCOMES: Final[dict[str, str]] = {
     v2.UNAVAILABLE: "unavailable",
     v2.TOO_MANY_REQUESTS: "rate_limited",
 }
-
-
-def hash_key(key: str) -> str:
-    """How an API key is stored and looked up: its SHA-256, never the key."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def _outcome(message: str) -> str:

@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from router import v2
-from router.api import hash_key
 from router.app import serve
 from router.cli import CommandError, new_key
 from router.config import Config
+from router.keys import hash_key
 from router.listeners import ListenError
 from router.sim import Fault, SimProvider
 from router.store import Store

@@ -97,13 +97,17 @@ def test_report_commands_load_no_server_module(config_file: Path) -> None:
     assert [row["name"] for row in json.loads(listed["out"])] == ["acme"]
     held = run_alone("orders", "held", "--json", *c)
     assert held["code"] == 0 and json.loads(held["out"]) == []
+    added = run_alone("clients", "add", "other", "--json", *c)
+    assert added["code"] == 0 and json.loads(added["out"])["name"] == "other"
+    rotated = run_alone("clients", "rotate-key", "other", *c)
+    assert rotated["code"] == 0
     checked = run_alone("check", *c)
     assert checked["code"] == 0 and checked["out"].startswith("ok: 1 providers")
     for argv in (("clients", "list"), ("orders", "held")):
         table = run_alone(*argv, *c)
         assert table["code"] == 0 and table["out"], argv
         assert table["loaded"] == [], argv
-    for result in (listed, held, checked):
+    for result in (listed, held, added, rotated, checked):
         assert result["loaded"] == [], result
 
 

@@ -35,7 +35,7 @@ def _reseller_json(reseller: Reseller, key: str | None = None) -> dict[str, Any]
 
 
 def cmd_clients_add(args: argparse.Namespace) -> int:
-    from router.api import hash_key
+    from router.keys import hash_key
 
     config = load_config(args)
     balance = parse_amount(args.balance)
@@ -92,7 +92,7 @@ def cmd_clients_disable(args: argparse.Namespace) -> int:
 
 
 def cmd_clients_rotate_key(args: argparse.Namespace) -> int:
-    from router.api import hash_key
+    from router.keys import hash_key
 
     config = load_config(args)
     key = new_key()
