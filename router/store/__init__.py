@@ -6,7 +6,8 @@ Usage::
     order_id = await store.reserve_order(new_order)   # None: not enough funds
     await store.close()
 
-The modules: `database` (connections, migrations, the write path), `records` (the dataclasses
+The modules: `database` (connections, migrations, `write`: the write path), `writer` (the
+one writer: its thread group-commits every write queued), `records` (the dataclasses
 the store returns), `resellers` (resellers and the ledger), `orders` (reserve, settle, look up),
 `held` (the operator's resolutions), `sync` (refills and the status sync), `calls` (upstream
 call records), `providers` (balances, breaker transitions, spend, catalogues), `reports`
@@ -22,7 +23,6 @@ from router.store.database import (
     BUSY_TIMEOUT_MS,
     CALL_RETENTION_SECONDS,
     SETTLE_RETRY,
-    WAL_RETRY_SECONDS,
     DatabaseUnavailable,
     DuplicateRequest,
     NotStored,
@@ -66,10 +66,12 @@ from router.store.records import (
 from router.store.reports import ReportStore
 from router.store.resellers import ResellerStore
 from router.store.sync import SyncStore
+from router.store.writer import MAX_BATCH, WAL_RETRY_SECONDS, Job, WriterClosed
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
     "CALL_RETENTION_SECONDS",
+    "MAX_BATCH",
     "SETTLE_RETRY",
     "WAL_RETRY_SECONDS",
     "ActiveOrder",
@@ -83,6 +85,7 @@ __all__ = [
     "FinalOutcomes",
     "HeldAges",
     "HeldOrder",
+    "Job",
     "LedgerEntry",
     "NewOrder",
     "NotStored",
@@ -106,6 +109,7 @@ __all__ = [
     "StoreError",
     "UpstreamOrderTaken",
     "WriteRetry",
+    "WriterClosed",
     "owner_alive",
     "process_owner",
 ]

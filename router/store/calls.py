@@ -15,19 +15,23 @@ class CallStore(Database):
         """Write a batch of call records in one transaction."""
         if not calls:
             return
-        async with self.transaction() as db:
-            await db.executemany(
+        rows = [(c.provider, c.action, c.started_at, c.latency, str(c.outcome)) for c in calls]
+        await self.write(
+            lambda db: db.executemany(
                 "INSERT INTO upstream_calls (provider, action, started_at, latency, outcome) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(c.provider, c.action, c.started_at, c.latency, str(c.outcome)) for c in calls],
+                rows,
             )
+        )
 
     async def prune_calls(self, older_than: float) -> int:
-        async with self._write() as db:
-            cursor = await db.execute(
-                "DELETE FROM upstream_calls WHERE started_at < ?", (older_than,)
+        return await self.write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM upstream_calls WHERE started_at < ?", (older_than,)
+                ).rowcount
             )
-        return cursor.rowcount
+        )
 
     async def count_calls(self, provider: str | None = None, action: str | None = None) -> int:
         rows = await self._reader.execute_fetchall(
