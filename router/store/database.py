@@ -245,6 +245,12 @@ class Database:
         return await self._writer.run(job)
 
     @property
+    def batch(self) -> int:
+        """The writer's batch being run (or last run), numbered from 1: read inside a job, the
+        batch that job is part of. 0 for a read-only store."""
+        return 0 if self._writer is None else self._writer.batch
+
+    @property
     def commit_counts(self) -> tuple[int, int]:
         """(commits, jobs committed) of this store's writer since it opened: how many
         writes shared each commit. (0, 0) for a read-only store."""

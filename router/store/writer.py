@@ -74,16 +74,17 @@ class Writer:
         busy_timeout_ms: int,
         *,
         trace: Callable[[str], object] | None = None,
-        max_batch: int = MAX_BATCH,
+        max_batch: int | None = None,
     ) -> Writer:
         """Connect (WAL, foreign keys, synchronous=FULL, the busy timeout) and start the thread.
 
         `trace` sees every statement, values filled in, called on this event loop.
+        `max_batch` (default MAX_BATCH, read now: tests shorten it) bounds a batch.
         """
         loop = asyncio.get_running_loop()
         forward = None if trace is None else _on_loop(loop, trace)
         db = await asyncio.to_thread(_connect, path, busy_timeout_ms, forward)
-        writer = cls(db, max_batch=max_batch)
+        writer = cls(db, max_batch=MAX_BATCH if max_batch is None else max_batch)
         writer._thread.start()
         return writer
 
