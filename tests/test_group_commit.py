@@ -204,8 +204,8 @@ async def test_1000_concurrent_adds_for_500_orders_worth_share_commits(
     assert await router.store.ledger_sum(reseller.id) == 0
     assert await router.store.count_orders(reseller.id) == {"placed": 500}
     assert len(sim.received_actions("add")) == 500
-    # 1,000 reserves and 500 settles at least: a writer that committed each alone would count as many
-    # commits as jobs.
+    # 1,000 reserves and 500 settles at least: a writer that committed each alone would count
+    # as many commits as jobs.
     commits, jobs = (
         now - before
         for now, before in zip(router.store.commit_counts, (commits, jobs), strict=True)
