@@ -195,7 +195,7 @@ class Writer:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            _answer([(future, None, exc) for future, _, _ in answers])
+            _answer([(future, None, error or exc) for future, _, error in answers])
             return []
         self.commits += 1
         self.jobs += sum(error is None for _, _, error in answers)
