@@ -126,6 +126,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CALLS] = CallLog(store, app[METRICS])
     yield
     await store.close()
+    commits, writes = store.commit_counts  # how many writes shared each commit
+    log.info("store_closed", commits=commits, writes=writes)
 
 
 async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:

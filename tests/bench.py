@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 from urllib.parse import urlencode
 
 import aiohttp
@@ -110,13 +110,14 @@ async def wait_ready(url: str) -> None:
 
 @asynccontextmanager
 async def process(
-    *argv: str, ready_url: str, stdout: int | None = asyncio.subprocess.DEVNULL
+    *argv: str,
+    ready_url: str,
+    stdout: int | None = asyncio.subprocess.DEVNULL,
+    stderr: IO[bytes] | int = asyncio.subprocess.DEVNULL,
 ) -> AsyncIterator[Running]:
     """A child process, up once `ready_url` answers; stopped at exit."""
     started = time.perf_counter()
-    child = await asyncio.create_subprocess_exec(
-        *argv, stdout=stdout, stderr=asyncio.subprocess.DEVNULL
-    )
+    child = await asyncio.create_subprocess_exec(*argv, stdout=stdout, stderr=stderr)
     try:
         await wait_ready(ready_url)
         yield Running(child, time.perf_counter() - started)
@@ -273,6 +274,21 @@ def print_load(name: str, who: str, load: Load) -> None:
     )
 
 
+def commits_of(log: Path) -> str:
+    """Writes per commit, from the `store_closed` line the router logs as it stops."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "store_closed":
+                commits, writes = int(entry["commits"]), int(entry["writes"])
+                return (
+                    f"{commits:,} commits for {writes:,} writes: "
+                    f"{writes / max(commits, 1):.1f} writes per commit "
+                    f"(an order is two: its reserve and its settle)"
+                )
+    return "unknown (the router logged no store_closed line)"
+
+
 def ledger_check(database: Path) -> tuple[bool, str]:
     """The bench reseller's balance against its ledger and its placed orders."""
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
@@ -299,6 +315,8 @@ async def run(seconds: float, connections: int, generator: str) -> int:
         ports = {name: free_port() for name in ("sim", "api", "metrics", "proxy")}
         config = Path(folder) / "bench.yaml"
         database = Path(folder) / "bench.db"
+        router_log = Path(folder) / "router.log"
+        router_err = router_log.open("wb")  # closed once the router has stopped
         config.write_text(CONFIG.format(database=database, key=SIM_KEY, **ports))
         cli = [python, "-m", "router"]
         made = [*cli, "clients", "add", "bench", "--balance", str(START_BALANCE), "--json"]
@@ -338,7 +356,12 @@ async def run(seconds: float, connections: int, generator: str) -> int:
         async with (
             process(*sim, ready_url=sim_url),
             process(
-                *cli, "serve", "--config", str(config), ready_url=api.replace("/api/v2", "/healthz")
+                *cli,
+                "serve",
+                "--config",
+                str(config),
+                ready_url=api.replace("/api/v2", "/healthz"),
+                stderr=router_err,
             ),
             process(
                 python,
@@ -394,11 +417,14 @@ async def run(seconds: float, connections: int, generator: str) -> int:
             await pair("services", "services", connections)
             await pair("balance", "balance", connections)
         exact, ledger = ledger_check(database)
+        router_err.close()
+        commits = commits_of(router_log)
     print(f"load average after: {load_average()}")
     print()
     print_targets(targets(loads))
     print()
     print(f"ledger: {ledger}")
+    print(f"group commit: {commits}")
     return 0 if exact else 1
 
 

@@ -94,8 +94,11 @@ def fill_day() -> int:
 async def fill_orders(store: Store, reseller_id: int, count: int) -> float:
     """Insert `count` orders (see FILL) in one transaction; the seconds it took."""
     started = time.perf_counter()
-    async with store.transaction() as db:
-        await db.execute(FILL, (count, reseller_id, fill_day() * DAY + 3600.0))
+
+    def fill(db: sqlite3.Connection) -> None:
+        db.execute(FILL, (count, reseller_id, fill_day() * DAY + 3600.0))
+
+    await store.write(fill)
     return time.perf_counter() - started
 
 

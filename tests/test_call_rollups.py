@@ -268,16 +268,19 @@ async def test_the_migration_rolls_up_the_calls_already_recorded(
 # A roll-up killed inside its transaction: after the INSERT into the rollups, before the
 # watermark moves and the transaction commits.
 _KILLED_INSIDE = """
-import asyncio, sys
+import asyncio, sys, time
 from router.store import Store
 from router.store.calls import _ROLL_UP
 
 async def main():
     store = await Store.open(sys.argv[1])
-    async with store.transaction() as db:
-        await db.execute(_ROLL_UP, (0, 10**9))
+
+    def inside(db):  # the writer's thread, mid-transaction, until killed
+        db.execute(_ROLL_UP, (0, 10**9))
         print("inside", flush=True)
-        await asyncio.sleep(3600)
+        time.sleep(3600)
+
+    await store.write(inside)
 
 asyncio.run(main())
 """

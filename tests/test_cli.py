@@ -183,9 +183,12 @@ async def test_check_and_start_up_name_open_orders_of_removed_providers(
     await store.reserve_order(order("gamma"))  # placing
     await store.create_placed_orders([(order("gamma"), n) for n in (1, 2, 3)])
     await store.create_placed_orders([(order("beta"), 1), (order("alpha"), 1)])
-    async with store.transaction() as db:  # ended upstream: nothing left to sync
-        await db.execute("UPDATE orders SET status = 'Completed' WHERE upstream_order = 3")
-        await db.execute("UPDATE orders SET status = 'Partial' WHERE provider = 'beta'")
+
+    def ended(db: sqlite3.Connection) -> None:  # ended upstream: nothing left to sync
+        db.execute("UPDATE orders SET status = 'Completed' WHERE upstream_order = 3")
+        db.execute("UPDATE orders SET status = 'Partial' WHERE provider = 'beta'")
+
+    await store.write(ended)
     await store.close()
     schema = database.read_bytes()
 

@@ -600,8 +600,9 @@ async def test_the_held_gauge_stays_exact_through_every_resolution(setup: Setup,
     store, beta, gamma = setup.router.store, setup.sims["beta"], setup.sims["gamma"]
 
     async def assert_held(expected: int) -> None:
-        async with store.transaction() as db:
-            rows = await db.execute_fetchall("SELECT count(*) FROM orders WHERE state = 'held'")
+        rows = await store.write(
+            lambda db: db.execute("SELECT count(*) FROM orders WHERE state = 'held'").fetchall()
+        )
         assert (await store.count_held(), next(iter(rows))[0]) == (expected, expected)
 
     # Five: alpha's breaker (min_calls 5) would send a sixth order elsewhere.

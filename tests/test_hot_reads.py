@@ -45,14 +45,14 @@ async def filled(tmp_path: Path) -> tuple[Path, int]:
     store = await Store.open(database)
     reseller = await store.create_reseller("acme", hash_key(KEY), 0)
     await fill_orders(store, reseller.id, ORDERS - 2)
-    async with store.transaction() as db:
-        for params in (DRIP_FEED_PARAMS, COMMENT_PARAMS):
-            await db.execute(
-                "INSERT INTO orders (reseller_id, service, state, status, link, quantity, "
-                "charge, params, created_at, updated_at) "
-                "VALUES (?, 1, 'placed', 'In progress', 'x', 700, 0, ?, 0, 0)",
-                (reseller.id, params),
-            )
+    await store.write(
+        lambda db: db.executemany(
+            "INSERT INTO orders (reseller_id, service, state, status, link, quantity, "
+            "charge, params, created_at, updated_at) "
+            "VALUES (?, 1, 'placed', 'In progress', 'x', 700, 0, ?, 0, 0)",
+            [(reseller.id, params) for params in (DRIP_FEED_PARAMS, COMMENT_PARAMS)],
+        )
+    )
     await store.close()
     return database, reseller.id
 
@@ -193,17 +193,23 @@ async def test_runs_follow_the_params_and_the_migration_fills_them_in(tmp_path: 
     ids = [1, 2, 3, 4]
     async with opened(path) as store:
         reseller = await store.create_reseller("acme", "hash", 0)
-        async with store.transaction() as db:
-            for text in (DRIP_FEED_PARAMS, COMMENT_PARAMS, "{}", '{"runs":"3"}'):
-                await db.execute(
-                    "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
-                    "params, created_at, updated_at) VALUES (?, 1, 'placed', 'x', 1, 0, ?, 0, 0)",
-                    (reseller.id, text),
-                )
+        await store.write(
+            lambda db: db.executemany(
+                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
+                "params, created_at, updated_at) VALUES (?, 1, 'placed', 'x', 1, 0, ?, 0, 0)",
+                [
+                    (reseller.id, text)
+                    for text in (DRIP_FEED_PARAMS, COMMENT_PARAMS, "{}", '{"runs":"3"}')
+                ],
+            )
+        )
         assert await _runs(store, reseller.id, ids) == {1: "7", 2: None, 3: None, 4: "3"}
-        async with store.transaction() as db:  # params never change today; if they did:
-            await db.execute('UPDATE orders SET params = \'{"runs":"9"}\' WHERE id = 3')
-            await db.execute("UPDATE orders SET runs = '5' WHERE id = 4")  # no: the params say 3
+
+        def change(db: sqlite3.Connection) -> None:  # params never change today; if they did:
+            db.execute('UPDATE orders SET params = \'{"runs":"9"}\' WHERE id = 3')
+            db.execute("UPDATE orders SET runs = '5' WHERE id = 4")  # no: the params say 3
+
+        await store.write(change)
         assert await _runs(store, reseller.id, ids) == {1: "7", 2: None, 3: "9", 4: "3"}
 
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:

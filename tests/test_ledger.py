@@ -71,21 +71,19 @@ async def test_ledger_rows_are_append_only_and_refunds_happen_once(
         "order"
     ]
     store = router.store
-    async with store.transaction() as db:
-        with pytest.raises(sqlite3.IntegrityError):
-            await db.execute("UPDATE ledger SET amount = amount * 2")
     with pytest.raises(sqlite3.IntegrityError):
-        async with store.transaction() as db:
-            await db.execute(
+        await store.write(lambda db: db.execute("UPDATE ledger SET amount = amount * 2"))
+
+    def refund_twice(db: sqlite3.Connection) -> None:
+        for _ in range(2):
+            db.execute(
                 "INSERT INTO ledger (reseller_id, order_id, kind, amount, created_at) "
                 "SELECT reseller_id, id, 'refund', charge, 0 FROM orders WHERE id = ?",
                 (order_id,),
             )
-            await db.execute(
-                "INSERT INTO ledger (reseller_id, order_id, kind, amount, created_at) "
-                "SELECT reseller_id, id, 'refund', charge, 0 FROM orders WHERE id = ?",
-                (order_id,),
-            )
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.write(refund_twice)
     reseller = await store.reseller_by_name("acme")
     assert reseller is not None
     assert reseller.balance == v2.to_minor(Decimal("4"))  # the failed transaction left nothing

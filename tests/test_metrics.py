@@ -328,20 +328,23 @@ async def test_the_migration_starts_the_totals_from_the_orders_it_finds(tmp_path
         ("held", "beta", 40_000, None, 0),
         ("canceled", "alpha", 30_000, None, 30_000),
     ]
-    async with store.transaction() as db:
+
+    def fill(db: sqlite3.Connection) -> None:
         for n, (state, provider, charge, cost, refund) in enumerate(rows):
-            cursor = await db.execute(
+            cursor = db.execute(
                 "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
                 "provider, upstream_order, cost, created_at, updated_at) "
                 "VALUES (?, 1, ?, 'x', 100, ?, '{}', ?, ?, ?, 0, 0)",
                 (reseller.id, state, charge, provider, n + 1 if state == "placed" else None, cost),
             )
             if refund:
-                await db.execute(
+                db.execute(
                     "INSERT INTO ledger (reseller_id, order_id, kind, amount, created_at) "
                     "VALUES (?, ?, 'refund', ?, 0)",
                     (reseller.id, cursor.lastrowid, refund),
                 )
+
+    await store.write(fill)
     await store.close()
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         # Undo 0010 as if it had never run: what a database from the release before has.
@@ -376,11 +379,13 @@ async def test_the_schema_keeps_what_the_revenue_counts_on(tmp_path: Path) -> No
             "UPDATE orders SET charge = 1 WHERE id = ?",
         ):
             with pytest.raises(sqlite3.IntegrityError):
-                async with store.transaction() as db:
-                    await db.execute(statement, (order_id,))
-        async with store.transaction() as db:
+                await store.write(lambda db, s=statement: db.execute(s, (order_id,)))
+
+        def costs(db: sqlite3.Connection) -> None:
             for cost in (20_000, 25_000, 5_000, None):  # set, raised, lowered, cleared
-                await db.execute("UPDATE orders SET cost = ? WHERE id = ?", (cost, order_id))
+                db.execute("UPDATE orders SET cost = ? WHERE id = ?", (cost, order_id))
+
+        await store.write(costs)
         [totals] = (await store.provider_totals()).values()
         assert (totals.revenue, totals.cost, totals.cost_returned) == (30_000, 25_000, 25_000)
     finally:
@@ -417,20 +422,23 @@ async def test_held_ages_and_the_oldest_held_order_from_the_database(tmp_path: P
         reseller = await store.create_reseller("acme", "hash", 0)
         now = 1_800_000_000.0
         ages = [10, 3599, 3600, 7200, 30_000, 90_000, 200_000]
-        async with store.transaction() as db:
+
+        def ages_of_held(db: sqlite3.Connection) -> None:
             for age in ages:
-                await db.execute(
+                db.execute(
                     "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
                     "params, provider, created_at, updated_at) "
                     "VALUES (?, 1, 'held', 'x', 1, 0, '{}', 'alpha', ?, ?)",
                     (reseller.id, now - age, now),  # updated_at: held just now
                 )
-            await db.execute(  # not held: not counted
+            db.execute(  # not held: not counted
                 "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
                 "provider, created_at, updated_at) "
                 "VALUES (?, 1, 'failed', 'x', 1, 0, '{}', 'alpha', ?, ?)",
                 (reseller.id, now - 500_000, now),
             )
+
+        await store.write(ages_of_held)
         await metrics.stored.read(store, now=now)
         scraped = _gauges(metrics)
         by_age = {
@@ -440,8 +448,10 @@ async def test_held_ages_and_the_oldest_held_order_from_the_database(tmp_path: P
         assert by_age == {"lt_1h": 2, "1h_6h": 2, "6h_24h": 1, "gt_24h": 2}
         assert scraped[("smm_router_orders_held_oldest_age_seconds", frozenset())] == 200_000
 
-        async with store.transaction() as db:
-            await db.execute("UPDATE orders SET state = 'canceled' WHERE state = 'held'")
+        def cancel_held(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE orders SET state = 'canceled' WHERE state = 'held'")
+
+        await store.write(cancel_held)
         await metrics.stored.read(store, now=now)
         scraped = _gauges(metrics)
         assert scraped[("smm_router_orders_held_oldest_age_seconds", frozenset())] == 0
@@ -463,14 +473,16 @@ async def test_sync_lag_is_how_overdue_the_most_overdue_active_order_is(tmp_path
         now = 1_800_000_000.0
 
         async def order(provider: str, status: str, next_check_at: float, placed: float) -> None:
-            async with store.transaction() as db:
-                await db.execute(
+            def insert(db: sqlite3.Connection) -> None:
+                db.execute(
                     "INSERT INTO orders (reseller_id, service, state, status, link, quantity, "
                     "charge, params, provider, upstream_order, next_check_at, created_at, "
                     "updated_at) VALUES (?, 1, 'placed', ?, 'x', 1, 0, '{}', ?, "
                     "(SELECT count(*) + 1 FROM orders), ?, ?, ?)",
                     (reseller.id, status, provider, next_check_at, placed - 86_400, placed),
                 )
+
+            await store.write(insert)
 
         def lag(provider: str) -> float:
             labels = frozenset({("provider", provider)})

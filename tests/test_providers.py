@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -498,13 +499,14 @@ async def test_providers_report_shows_the_last_30_days_unless_told(
     router = await start_router(providers, [service(1, [("first", 101)], rate="2.00")])
     key = await router.reseller("acme", "100")
     old, new = [(await add(router, key, 1000))["order"] for _ in range(2)]
-    async with router.store.transaction() as db:  # the first made 40 days ago
-        await db.execute(
-            "UPDATE orders SET created_at = created_at - 40 * 86400 WHERE id = ?", (old,)
-        )
-        await db.execute(
+
+    def backdate(db: sqlite3.Connection) -> None:  # the first made 40 days ago
+        db.execute("UPDATE orders SET created_at = created_at - 40 * 86400 WHERE id = ?", (old,))
+        db.execute(
             "UPDATE attempts SET started_at = started_at - 40 * 86400 WHERE order_id = ?", (old,)
         )
+
+    await router.store.write(backdate)
 
     started = time.time()
     code, out, _ = await run_cli(capsys, "providers", "--json", "--config", str(config_file))

@@ -103,8 +103,11 @@ async def history(
             )
         )
         assert order_id is not None
-        async with store.transaction() as db:  # as if made then
-            await db.execute("UPDATE orders SET created_at = ? WHERE id = ?", (at, order_id))
+        await store.write(  # as if made then
+            lambda db, at=at, order_id=order_id: db.execute(
+                "UPDATE orders SET created_at = ? WHERE id = ?", (at, order_id)
+            )
+        )
         orders.append(order_id)
         attempt = Attempt(0, provider, upstream_service, at + rng.uniform(0, 2), 0.05, "accepted")
         fate = n % 7

@@ -1,4 +1,4 @@
-"""The store's own guarantees: transactions that survive cancellation, one-statement settling,
+"""The store's own guarantees: writes that survive cancellation, one-statement settling,
 migrations applied once and never edited, the held counter."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -47,28 +48,33 @@ async def test_a_cancelled_transaction_never_leaves_one_open(store: Store, yield
     assert await store.count_calls() in (2, 3)  # the cancelled batch is all there or not at all
 
 
-async def test_a_cancelled_body_is_rolled_back(store: Store) -> None:
+async def test_a_cancelled_caller_s_write_runs_to_its_end(store: Store) -> None:
+    """Cancelled while its job runs in the writer's thread: the job ends and is committed (its
+    outcome is known), and only then does the cancel reach the caller."""
     reseller = await store.create_reseller("acme", "hash", 0)
-    inside = asyncio.Event()
+    inside, go_on = threading.Event(), threading.Event()
 
-    async def topup_then_hang() -> None:
-        async with store.transaction() as db:
-            await db.execute(
-                "INSERT INTO ledger (reseller_id, kind, amount, created_at) "
-                "VALUES (?, 'topup', 500, 0)",
-                (reseller.id,),
-            )
-            inside.set()
-            await asyncio.sleep(60)
+    def topup_then_wait(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO ledger (reseller_id, kind, amount, created_at) "
+            "VALUES (?, 'topup', 500, 0)",
+            (reseller.id,),
+        )
+        inside.set()
+        go_on.wait()
 
-    task = asyncio.create_task(topup_then_hang())
-    await inside.wait()
+    task = asyncio.create_task(store.write(topup_then_wait))
+    await asyncio.to_thread(inside.wait)
     task.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()  # its job still runs: the caller waits for its end
+    go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     after = await store.reseller_by_name("acme")
-    assert after is not None and after.balance == 0
-    assert await store.ledger_sum(reseller.id) == 0
+    assert after is not None and after.balance == 500
+    assert await store.ledger_sum(reseller.id) == 500
 
 
 async def _placing(store: Store) -> tuple[int, int]:
@@ -154,8 +160,9 @@ def _dead_owner() -> str:
 
 
 async def _placed_by(store: Store, order_id: int, owner: str | None) -> None:
-    async with store.transaction() as db:
-        await db.execute("UPDATE orders SET placing_by = ? WHERE id = ?", (owner, order_id))
+    await store.write(
+        lambda db: db.execute("UPDATE orders SET placing_by = ? WHERE id = ?", (owner, order_id))
+    )
 
 
 async def test_start_up_holds_only_what_no_live_process_is_placing(store: Store) -> None:
@@ -412,8 +419,9 @@ async def test_a_read_only_store_never_creates_or_changes_a_database(tmp_path: P
 
 
 async def _held_by_count(store: Store) -> int:
-    async with store.transaction() as db:
-        rows = await db.execute_fetchall("SELECT count(*) FROM orders WHERE state = 'held'")
+    rows = await store.write(
+        lambda db: db.execute("SELECT count(*) FROM orders WHERE state = 'held'").fetchall()
+    )
     return int(next(iter(rows))[0])
 
 
@@ -427,17 +435,29 @@ async def test_the_held_counter_follows_every_way_in_and_out_of_held(store: Stor
     await _placed_by(store, order_id, _dead_owner())
     assert await store.hold_interrupted_orders(stale_before=0) == 1  # placing -> held
     assert await store.count_held() == await _held_by_count(store) == 1
-    async with store.transaction() as db:  # paths no code takes today, counted all the same
-        await db.execute(
+    inside, checked = threading.Event(), threading.Event()
+
+    def paths_no_code_takes(db: sqlite3.Connection) -> None:  # counted all the same
+        db.execute(
             "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
             "created_at, updated_at) VALUES (?, 1, 'held', 'x', 1, 0, '{}', 0, 0)",
             (reseller.id,),
         )
-        await db.execute("UPDATE orders SET status = 'In progress' WHERE state = 'held'")
+        db.execute("UPDATE orders SET status = 'In progress' WHERE state = 'held'")
+        inside.set()
+        checked.wait()  # the writer's thread waits: the loop reads meanwhile
+
+    writing = asyncio.create_task(store.write(paths_no_code_takes))
+    await asyncio.to_thread(inside.wait)
+    try:
         assert await store.count_held() == 1  # another connection: the insert is not committed
+    finally:
+        checked.set()
+    await writing
     assert await store.count_held() == await _held_by_count(store) == 2
-    async with store.transaction() as db:
-        await db.execute("DELETE FROM orders WHERE state = 'held' AND id <> ?", (order_id,))
+    await store.write(
+        lambda db: db.execute("DELETE FROM orders WHERE state = 'held' AND id <> ?", (order_id,))
+    )
     assert await store.count_held() == await _held_by_count(store) == 1
     assert await store.refund_held(order_id, "refund by ops")  # held -> canceled
     assert await store.count_held() == await _held_by_count(store) == 0
@@ -448,13 +468,13 @@ async def test_the_migration_counts_the_orders_already_held(tmp_path: Path) -> N
     path = tmp_path / "router.db"
     store = await Store.open(path)
     reseller = await store.create_reseller("acme", "hash", 0)
-    async with store.transaction() as db:
-        for state in ("held", "held", "placed", "failed", "held"):
-            await db.execute(
-                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
-                "created_at, updated_at) VALUES (?, 1, ?, 'x', 1, 0, '{}', 0, 0)",
-                (reseller.id, state),
-            )
+    await store.write(
+        lambda db: db.executemany(
+            "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
+            "created_at, updated_at) VALUES (?, 1, ?, 'x', 1, 0, '{}', 0, 0)",
+            [(reseller.id, state) for state in ("held", "held", "placed", "failed", "held")],
+        )
+    )
     await store.close()
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         # Undo 0008 as if it had never run: what a database from the release before has.

@@ -6,7 +6,8 @@ Usage::
     order_id = await store.reserve_order(new_order)   # None: not enough funds
     await store.close()
 
-The modules: `database` (connections, migrations, the write path), `records` (the dataclasses
+The modules: `database` (connections, migrations, `write`: the write path), `writer` (the
+one writer: its thread group-commits every write queued), `records` (the dataclasses
 the store returns), `resellers` (resellers and the ledger), `orders` (reserve, settle, look up),
 `held` (the operator's resolutions), `sync` (refills and the status sync), `calls` (upstream
 call records, their rollups, latency), `providers` (balances, breaker transitions, spend,
@@ -28,7 +29,6 @@ from router.store.database import (
     BUSY_TIMEOUT_MS,
     CALL_RETENTION_SECONDS,
     SETTLE_RETRY,
-    WAL_RETRY_SECONDS,
     DatabaseUnavailable,
     DuplicateRequest,
     NotStored,
@@ -73,6 +73,7 @@ from router.store.records import (
 from router.store.reports import ReportStore
 from router.store.resellers import ResellerStore
 from router.store.sync import SyncStore
+from router.store.writer import MAX_BATCH, WAL_RETRY_SECONDS, Job, WriterClosed
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -80,6 +81,7 @@ __all__ = [
     "CALL_LATENCY_BUCKETS",
     "CALL_RAW_RETENTION_SECONDS",
     "CALL_RETENTION_SECONDS",
+    "MAX_BATCH",
     "SETTLE_RETRY",
     "WAL_RETRY_SECONDS",
     "ActiveOrder",
@@ -93,6 +95,7 @@ __all__ = [
     "FinalOutcomes",
     "HeldAges",
     "HeldOrder",
+    "Job",
     "LedgerEntry",
     "NewOrder",
     "NotStored",
@@ -117,6 +120,7 @@ __all__ = [
     "StoreError",
     "UpstreamOrderTaken",
     "WriteRetry",
+    "WriterClosed",
     "owner_alive",
     "process_owner",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -119,12 +120,14 @@ class CallStore(Database):
         """Write a batch of call records in one transaction."""
         if not calls:
             return
-        async with self.transaction() as db:
-            await db.executemany(
+        rows = [(c.provider, c.action, c.started_at, c.latency, str(c.outcome)) for c in calls]
+        await self.write(
+            lambda db: db.executemany(
                 "INSERT INTO upstream_calls (provider, action, started_at, latency, outcome) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(c.provider, c.action, c.started_at, c.latency, str(c.outcome)) for c in calls],
+                rows,
             )
+        )
 
     async def roll_up_calls(self, *, limit: int = CALL_BATCH_ROWS) -> int:
         """Add the next `limit` raw call records above the watermark (by id) into the minute
@@ -135,19 +138,21 @@ class CallStore(Database):
         Ids only grow (SQLite numbers a new row after the largest id there is, and
         prune_raw_calls keeps the largest), so a row committed later is always above the mark.
         """
-        async with self.transaction() as db:
-            rows = await db.execute_fetchall(
+
+        def roll_up(db: sqlite3.Connection) -> int:
+            (mark,) = db.execute(
                 f"SELECT value FROM counters WHERE name = '{_ROLLED_UP}'"
-            )
-            mark = rows[0][0]  # type: ignore[index]
-            ids = await db.execute_fetchall(
+            ).fetchone()
+            ids = db.execute(
                 "SELECT id FROM upstream_calls WHERE id > ? ORDER BY id LIMIT ?", (mark, limit)
-            )
+            ).fetchall()
             if ids:
-                last = ids[-1][0]  # type: ignore[index]
-                await db.execute(_ROLL_UP, (mark, last))
-                await db.execute("UPDATE counters SET value = ? WHERE name = ?", (last, _ROLLED_UP))
-        return len(ids)  # type: ignore[arg-type]
+                last = ids[-1][0]
+                db.execute(_ROLL_UP, (mark, last))
+                db.execute("UPDATE counters SET value = ? WHERE name = ?", (last, _ROLLED_UP))
+            return len(ids)
+
+        return await self.write(roll_up)
 
     async def prune_raw_calls(self, older_than: float, *, limit: int = CALL_BATCH_ROWS) -> int:
         """Delete up to `limit` raw call records started before `older_than` and rolled up
@@ -158,26 +163,31 @@ class CallStore(Database):
         largest id there is, and a new row numbered at or below the watermark would be taken
         for one rolled up already, and never counted.
         """
-        async with self._write() as db:
-            cursor = await db.execute(
-                f"DELETE FROM upstream_calls WHERE id IN (SELECT id FROM upstream_calls "
-                f"INDEXED BY upstream_calls_by_time WHERE started_at < ? AND id <= {_MARK} "
-                f"AND id < (SELECT max(id) FROM upstream_calls) ORDER BY started_at LIMIT ?)",
-                (older_than, limit),
+        return await self.write(
+            lambda db: (
+                db.execute(
+                    f"DELETE FROM upstream_calls WHERE id IN (SELECT id FROM upstream_calls "
+                    f"INDEXED BY upstream_calls_by_time WHERE started_at < ? AND id <= {_MARK} "
+                    f"AND id < (SELECT max(id) FROM upstream_calls) ORDER BY started_at LIMIT ?)",
+                    (older_than, limit),
+                ).rowcount
             )
-        return cursor.rowcount
+        )
 
     async def prune_calls(self, older_than: float, *, limit: int = CALL_BATCH_ROWS) -> int:
         """Delete up to `limit` minute rollups of minutes that started before `older_than`,
         the oldest first: one statement. How many it deleted; `limit`: there may be more."""
-        async with self._write() as db:
-            cursor = await db.execute(
-                "DELETE FROM upstream_call_minutes WHERE (provider, minute, action, outcome) IN "
-                "(SELECT provider, minute, action, outcome FROM upstream_call_minutes "
-                "WHERE minute < ? ORDER BY minute LIMIT ?)",
-                (older_than, limit),
+        return await self.write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM upstream_call_minutes WHERE "
+                    "(provider, minute, action, outcome) IN "
+                    "(SELECT provider, minute, action, outcome FROM upstream_call_minutes "
+                    "WHERE minute < ? ORDER BY minute LIMIT ?)",
+                    (older_than, limit),
+                ).rowcount
             )
-        return cursor.rowcount
+        )
 
     async def count_calls(self, provider: str | None = None, action: str | None = None) -> int:
         """The calls recorded (and not pruned yet): rolled up, and raw above the watermark."""

@@ -1,15 +1,31 @@
-"""The database: connections, migrations, and the one way writes reach it."""
+"""The database: connections, migrations, and the one way writes reach it.
+
+Reads go through `self._reader` (an aiosqlite connection). Every write goes through the one
+writer (router/store/writer.py), as a job: a plain function that takes the writer's
+`sqlite3.Connection`, runs its statements and returns what the caller needs::
+
+    def topup(db: sqlite3.Connection) -> int:
+        return db.execute("INSERT INTO ledger ... RETURNING id", args).fetchone()[0]
+
+    ledger_id = await self.write(topup)
+
+The job's statements are atomic together (a savepoint of their own), committed with whatever
+else was queued meanwhile (group commit: one fsync for many callers), and `write` answers only
+after that commit. A job that raises changes nothing and its caller gets the exception (an
+IntegrityError from a CHECK, a UNIQUE index or a trigger is how the schema refuses). A job
+runs in the writer's thread: it never awaits, never begins, commits or rolls back, and fetches
+what its statements return before it returns. Nothing writes any other way.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +36,7 @@ import aiosqlite
 import structlog
 
 from router.store.records import Order
+from router.store.writer import Job, Writer
 
 T = TypeVar("T")
 SqlTrace = Callable[[str], object]  # called with each statement run, values filled in
@@ -56,7 +73,6 @@ class WriteRetry:
 
 
 SETTLE_RETRY: Final = WriteRetry()  # Store.open's default
-WAL_RETRY_SECONDS: Final = 0.01
 
 
 class StoreError(Exception):
@@ -155,20 +171,6 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
-async def _to_the_end(call: Awaitable[T]) -> T:
-    """Await a database call to its end even if cancelled meanwhile, then let the cancel go on.
-
-    The call runs in aiosqlite's thread whatever happens to the awaiting task: the connection's
-    transaction state is only known once it has ended.
-    """
-    task = asyncio.ensure_future(call)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
-
-
 def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
@@ -181,16 +183,13 @@ class Database:
 
     def __init__(
         self,
-        writer: aiosqlite.Connection,
-        statements: aiosqlite.Connection,
+        writer: Writer | None,
         reader: aiosqlite.Connection,
         *,
         settle_retry: WriteRetry | None = None,
     ) -> None:
-        self._writer = writer  # transactions, under _write_lock
-        self._statements = statements  # single autocommit statements, no lock
+        self._writer = writer  # every write; None for a read-only store
         self._reader = reader
-        self._write_lock = asyncio.Lock()
         self._settle_retry = settle_retry or SETTLE_RETRY
         self.owner = process_owner()  # written on the orders this process is placing
 
@@ -208,100 +207,107 @@ class Database:
 
         `busy_timeout_ms` (default BUSY_TIMEOUT_MS) and `settle_retry` (default SETTLE_RETRY)
         are read when the store opens: tests that lock the database shorten them.
-        `read_only`: one read-only connection, no migration; an existing database is read as
-        it is and never changed (`smm-router check`). `trace` sees every statement the store's
-        connections run, with its values, from the first one on (tests EXPLAIN them).
+        `read_only`: one read-only connection, no writer, no migration; an existing database
+        is read as it is and never changed (`smm-router check`). `trace` sees every statement
+        the store runs (the writer's on this event loop), with its values, from the first one
+        on (tests EXPLAIN them).
         """
         busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
         if read_only:
             try:
-                reader = await _connect(path, busy, read_only=True, trace=trace)
+                only = await _connect(path, busy, read_only=True, trace=trace)
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"cannot read the database {path}: {exc}") from exc
             try:
-                await reader.execute_fetchall("SELECT count(*) FROM sqlite_master")
+                await only.execute_fetchall("SELECT count(*) FROM sqlite_master")
             except sqlite3.DatabaseError as exc:
-                await reader.close()
+                await only.close()
                 raise StoreError(f"cannot read the database {path}: {exc}") from exc
-            return cls(reader, reader, reader)
-        opened: list[aiosqlite.Connection] = []
+            return cls(None, only)
+        writer: Writer | None = None
+        reader: aiosqlite.Connection | None = None
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            opened.append(writer := await _connect(path, busy, trace=trace))
-            await _use_wal(writer, busy)
-            opened.append(statements := await _connect(path, busy, trace=trace))
-            opened.append(reader := await _connect(path, busy, trace=trace))
-            store = cls(writer, statements, reader, settle_retry=settle_retry or SETTLE_RETRY)
+            writer = await Writer.open(path, busy, trace=trace)  # also switches to WAL
+            reader = await _connect(path, busy, trace=trace)
+            store = cls(writer, reader, settle_retry=settle_retry or SETTLE_RETRY)
             await store._migrate()
             store._hot = _connect_hot(path, trace=trace)
         except BaseException as exc:
-            for db in opened:  # each runs a thread that would keep the process from exiting
+            # Each runs a thread that would keep the process from exiting.
+            if reader is not None:
                 with suppress(sqlite3.Error):
-                    await db.close()
+                    await reader.close()
+            if writer is not None:
+                with suppress(sqlite3.Error):
+                    await writer.close()
             if isinstance(exc, OSError | sqlite3.Error):
                 raise DatabaseUnavailable(Path(path), exc) from exc
             raise
         return store
 
     async def close(self) -> None:
-        for db in dict.fromkeys((self._reader, self._statements, self._writer)):
-            await db.close()  # each connection once: a read-only store has one in three roles
+        """Commit every write queued so far, then close the connections."""
+        if self._writer is not None:
+            await self._writer.close()
+        await self._reader.close()
         if self._hot is not None:
             self._hot.close()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """`BEGIN IMMEDIATE` ... `COMMIT` on the write connection, under the write lock."""
-        db = self._writer
-        async with self._write_lock:
-            try:
-                await _to_the_end(db.execute("BEGIN IMMEDIATE"))
-                yield db
-                await _to_the_end(db.execute("COMMIT"))
-            except BaseException:
-                # Also when cancelled (a loop stopping, Ctrl-C): the lock must never be let go
-                # with a transaction open, or every later transaction fails.
-                if db.in_transaction:
-                    await _to_the_end(db.execute("ROLLBACK"))
-                raise
+    async def write(self, job: Job[T]) -> T:
+        """Run `job(db)` on the writer and return its result once it is committed: the one
+        way anything writes (see the module docstring). A read-only store refuses as SQLite
+        does (OperationalError), and never queues anything."""
+        if self._writer is None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return await self._writer.run(job)
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection for ONE autocommit statement: atomic on its own, so no lock.
+    @property
+    def batch(self) -> int:
+        """The writer's batch being run (or last run), numbered from 1: read inside a job, the
+        batch that job is part of. 0 for a read-only store."""
+        return 0 if self._writer is None else self._writer.batch
 
-        Never run two statements through it that must be atomic together: use transaction().
-        """
-        yield self._statements
+    @property
+    def commit_counts(self) -> tuple[int, int]:
+        """(commits, jobs committed) of this store's writer since it opened: how many
+        writes shared each commit. (0, 0) for a read-only store."""
+        if self._writer is None:
+            return (0, 0)
+        return (self._writer.commits, self._writer.jobs)
 
     async def _migrate(self) -> None:
         """Apply the migrations not recorded yet, all in one transaction with their records.
 
-        The applied set is read again under the write lock (BEGIN IMMEDIATE): two processes
-        starting at once (a server and a CLI) never apply one twice, the second finds them
-        applied. A start-up with nothing to apply takes no write lock.
+        The applied set is read again inside the writer's transaction (BEGIN IMMEDIATE): two
+        processes starting at once (a server and a CLI) never apply one twice, the second
+        finds them applied. A start-up with nothing to apply takes no write lock.
         """
         migrations = _migrations()
-        if migrations.keys() <= await self._applied_migrations(self._writer):
+        if migrations.keys() <= await self._applied_migrations():
             return
-        async with self.transaction() as db:
-            await db.execute(
+
+        def migrate(db: sqlite3.Connection) -> None:
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            applied = await self._applied_migrations(db)
+            applied = {row[0] for row in db.execute("SELECT name FROM schema_migrations")}
             for name, script in migrations.items():
                 if name in applied:
                     continue
                 for statement in _split_sql(script):
-                    await db.execute(statement)
-                await db.execute(
+                    db.execute(statement)
+                db.execute(
                     "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
                     (name, time.time()),
                 )
 
-    @staticmethod
-    async def _applied_migrations(db: aiosqlite.Connection) -> set[str]:
+        await self.write(migrate)
+
+    async def _applied_migrations(self) -> set[str]:
         """The migrations recorded in the database (none in a new one)."""
+        db = self._reader
         if not await db.execute_fetchall(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
         ):
@@ -374,24 +380,6 @@ def _connect_hot(path: Path | str, *, trace: SqlTrace | None = None) -> sqlite3.
         db.close()
         raise
     return db
-
-
-async def _use_wal(db: aiosqlite.Connection, busy_timeout_ms: int) -> None:
-    """Switch the database to WAL, waiting out another process doing the same.
-
-    Two processes opening a new database at once (a server and a CLI) both ask: SQLite answers
-    one of them "locked" at once, without the busy timeout (both hold a read lock, and waiting
-    could deadlock), so that one asks again until the busy timeout has passed.
-    """
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    while True:
-        try:
-            await db.execute_fetchall("PRAGMA journal_mode=WAL")  # fetched: the statement ends
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(WAL_RETRY_SECONDS)
 
 
 def _migrations() -> dict[str, str]:

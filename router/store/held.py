@@ -55,29 +55,33 @@ class HeldStore(OrderStore):
         for one delivery): the database's unique index refuses it (migration 0006).
         """
         now = time.time()
+
+        def attach(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE orders SET state = 'placed', upstream_order = ?1, updated_at = ?2 "
+                "WHERE id = ?3 AND state = 'held'",
+                (upstream_order, now, order_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._insert_resolve_event(db, order_id, now, event)
+            return True
+
         try:
-            async with self.transaction() as db:
-                cursor = await db.execute(
-                    "UPDATE orders SET state = 'placed', upstream_order = ?1, updated_at = ?2 "
-                    "WHERE id = ?3 AND state = 'held'",
-                    (upstream_order, now, order_id),
-                )
-                if cursor.rowcount != 1:
-                    return False
-                await self._insert_resolve_event(db, order_id, now, event)
+            return await self.write(attach)
         except sqlite3.IntegrityError as exc:
             if _upstream_taken(exc):
                 return False
             raise
-        return True
 
     async def refund_ended_order(self, order_id: int, amount: int, note: str, event: str) -> bool:
         """The operator's refund of `amount` for an order that has ended upstream and was not
         refunded yet (a package that ended Partial, a goodwill gesture): the order's one refund
         row, so no later refund can pay twice. False (nothing changed) otherwise."""
         now = time.time()
-        async with self.transaction() as db:
-            cursor = await db.execute(
+
+        def refund(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
                 "SELECT reseller_id, id, 'refund', ?1, ?2, ?3 FROM orders WHERE id = ?4 "
                 "AND state = 'placed' AND status IN ('Completed', 'Partial', 'Canceled') "
@@ -86,8 +90,10 @@ class HeldStore(OrderStore):
             )
             if cursor.rowcount != 1:
                 return False
-            await self._insert_resolve_event(db, order_id, now, event)
-        return True
+            self._insert_resolve_event(db, order_id, now, event)
+            return True
+
+        return await self.write(refund)
 
     async def refund_held(self, order_id: int, event: str) -> bool:
         """Held -> canceled: status Canceled, nothing delivered, the charge refunded in full.
@@ -95,17 +101,20 @@ class HeldStore(OrderStore):
         False (nothing changed) when the order is not held.
         """
         now = time.time()
-        async with self.transaction() as db:
-            cursor = await db.execute(
+
+        def cancel(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "UPDATE orders SET state = 'canceled', updated_at = ? "
                 "WHERE id = ? AND state = 'held'",
                 (now, order_id),
             )
             if cursor.rowcount != 1:
                 return False
-            await self._refund_canceled(db, order_id, now, "held order canceled by the operator")
-            await self._insert_resolve_event(db, order_id, now, event)
-        return True
+            self._refund_canceled(db, order_id, now, "held order canceled by the operator")
+            self._insert_resolve_event(db, order_id, now, event)
+            return True
+
+        return await self.write(cancel)
 
     async def begin_reroute(
         self, order_id: int, provider: str, upstream_service: int, event: str
@@ -115,25 +124,31 @@ class HeldStore(OrderStore):
         False (nothing changed) when the order is not held: only one re-route at a time.
         """
         now = time.time()
-        async with self.transaction() as db:
-            cursor = await db.execute(
+
+        def begin(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "UPDATE orders SET state = 'placing', provider = ?, upstream_service = ?, "
                 "updated_at = ?, placing_by = ? WHERE id = ? AND state = 'held'",
                 (provider, upstream_service, now, self.owner, order_id),
             )
             if cursor.rowcount != 1:
                 return False
-            await self._insert_resolve_event(db, order_id, now, event)
-        return True
+            self._insert_resolve_event(db, order_id, now, event)
+            return True
+
+        return await self.write(begin)
 
     async def hold_interrupted_reroute(self, order_id: int, event: str) -> None:
         """A re-route stopped mid-call (Ctrl-C, error): held again on the route being tried."""
         now = time.time()
-        async with self.transaction() as db:
-            cursor = await db.execute(
+
+        def hold(db: sqlite3.Connection) -> None:
+            cursor = db.execute(
                 "UPDATE orders SET state = 'held', updated_at = ? "
                 "WHERE id = ? AND state = 'placing'",
                 (now, order_id),
             )
             if cursor.rowcount == 1:
-                await self._insert_resolve_event(db, order_id, now, event)
+                self._insert_resolve_event(db, order_id, now, event)
+
+        await self.write(hold)

@@ -9,8 +9,6 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-import aiosqlite
-
 from router.store.database import (
     _BALANCE_CHECK,
     Database,
@@ -49,33 +47,37 @@ class OrderStore(Database):
         database refuses the order for any other reason (a bug, not the reseller's funds).
         """
         now = time.time()
+        args = (
+            order.service,
+            order.link,
+            order.quantity,
+            order.charge,
+            json.dumps(dict(order.params), separators=(",", ":")),
+            order.provider,
+            order.upstream_service,
+            now,
+            now,
+            self.owner,
+            order.request_id,
+            order.config_version,
+            order.reseller_id,
+            order.charge,
+        )
+
+        def reserve(db: sqlite3.Connection) -> list[tuple[int]]:
+            return db.execute(
+                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
+                "params, provider, upstream_service, created_at, updated_at, placing_by, "
+                "request_id, config_version) "
+                "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
+                "WHERE id = ? AND enabled = 1 AND balance >= ? "
+                "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
+                "DO NOTHING RETURNING id",
+                args,
+            ).fetchall()
+
         try:
-            async with self._write() as db:  # one statement: one hop to the database thread
-                rows = await db.execute_fetchall(
-                    "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
-                    "params, provider, upstream_service, created_at, updated_at, placing_by, "
-                    "request_id, config_version) "
-                    "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
-                    "WHERE id = ? AND enabled = 1 AND balance >= ? "
-                    "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
-                    "DO NOTHING RETURNING id",
-                    (
-                        order.service,
-                        order.link,
-                        order.quantity,
-                        order.charge,
-                        json.dumps(dict(order.params), separators=(",", ":")),
-                        order.provider,
-                        order.upstream_service,
-                        now,
-                        now,
-                        self.owner,
-                        order.request_id,
-                        order.config_version,
-                        order.reseller_id,
-                        order.charge,
-                    ),
-                )
+            rows = await self.write(reserve)  # one statement, committed with the others queued
         except sqlite3.IntegrityError as exc:
             if _BALANCE_CHECK in str(exc):
                 return None  # a backstop: the WHERE clause already decides
@@ -99,12 +101,14 @@ class OrderStore(Database):
 
     async def note_route(self, order_id: int, provider: str, upstream_service: int) -> None:
         """Record the route about to be tried, before the call (a crash then leaves a trace)."""
-        async with self._write() as db:
-            await db.execute(
+        args = (provider, upstream_service, time.time(), order_id)
+        await self.write(
+            lambda db: db.execute(
                 "UPDATE orders SET provider = ?, upstream_service = ?, updated_at = ? "
                 "WHERE id = ? AND state = 'placing'",
-                (provider, upstream_service, time.time(), order_id),
+                args,
             )
+        )
 
     async def settle_order(
         self,
@@ -151,7 +155,7 @@ class OrderStore(Database):
         )
         attempts_json = _attempts_json(attempts)
 
-        async def write() -> None:
+        def settle(db: sqlite3.Connection) -> None:
             now = time.time()
             args = (
                 attempts_json,
@@ -164,23 +168,20 @@ class OrderStore(Database):
                 self.owner,
                 estimated_cost,
             )
+            rows = db.execute(statement, args).fetchall()
             if state != "canceled" and event is None:
-                async with self._write() as db:  # the hot path of `add`: one hop
-                    await db.execute_fetchall(statement, args)
-                return
-            async with self.transaction() as db:
-                rows = await db.execute_fetchall(statement, args)
-                # Moved iff it was ours: no other writer can end in `state` from elsewhere here.
-                settled = [row[0] for row in rows] == [state]
-                if state == "canceled" and settled:
-                    await self._refund_canceled(
-                        db, order_id, now, "no route took the re-routed order"
-                    )
-                if event is not None and settled:
-                    await self._insert_resolve_event(db, order_id, now, event)
+                return  # the hot path of `add`: one statement
+            # Moved iff it was ours: no other writer can end in `state` from elsewhere here.
+            settled = [row[0] for row in rows] == [state]
+            if state == "canceled" and settled:
+                self._refund_canceled(db, order_id, now, "no route took the re-routed order")
+            if event is not None and settled:
+                self._insert_resolve_event(db, order_id, now, event)
 
         try:
-            await self._until_stored(write, f"settle order {order_id} as {state}")
+            await self._until_stored(
+                lambda: self.write(settle), f"settle order {order_id} as {state}"
+            )
         except sqlite3.IntegrityError as exc:
             if provider is None or upstream_order is None or not _upstream_taken(exc):
                 raise
@@ -220,24 +221,31 @@ class OrderStore(Database):
         older router during a rolling restart, the CLI re-routing) finishes its own orders.
         """
         rows = await self._reader.execute_fetchall(
-            "SELECT id, placing_by FROM orders INDEXED BY orders_placing WHERE state = 'placing'"
+            "SELECT id, placing_by, updated_at FROM orders INDEXED BY orders_placing "
+            "WHERE state = 'placing'"
         )
         now = time.time()
         orphaned = [(now, row[0]) for row in rows if not owner_alive(row[1])]
-        async with self.transaction() as db:
-            cursor = await db.executemany(
-                "UPDATE orders SET state = 'held', updated_at = ? "
-                "WHERE id = ? AND state = 'placing'",
-                orphaned,
+        if not orphaned and all(row[2] >= stale_before for row in rows):
+            return 0  # nothing to hold: no write lock (a start-up beside a busy server)
+
+        def hold(db: sqlite3.Connection) -> int:
+            held = max(
+                db.executemany(
+                    "UPDATE orders SET state = 'held', updated_at = ? "
+                    "WHERE id = ? AND state = 'placing'",
+                    orphaned,
+                ).rowcount,
+                0,
             )
-            held = max(cursor.rowcount, 0)
-            cursor = await db.execute(
+            cursor = db.execute(
                 "UPDATE orders INDEXED BY orders_placing SET state = 'held', updated_at = ? "
                 "WHERE state = 'placing' AND updated_at < ?",
                 (now, stale_before),
             )
-            held += cursor.rowcount
-        return held
+            return held + cursor.rowcount
+
+        return await self.write(hold)
 
     async def order(self, order_id: int) -> Order | None:
         rows = await self._reader.execute_fetchall(
@@ -366,14 +374,12 @@ class OrderStore(Database):
         return int(rows[0][0]) if rows else None  # type: ignore[index]
 
     @staticmethod
-    async def _refund_canceled(
-        db: aiosqlite.Connection, order_id: int, now: float, note: str
-    ) -> None:
+    def _refund_canceled(db: sqlite3.Connection, order_id: int, now: float, note: str) -> None:
         """A canceled order shows Canceled with nothing delivered, and its charge comes back."""
-        await db.execute(
+        db.execute(
             "UPDATE orders SET status = 'Canceled', remains = quantity WHERE id = ?", (order_id,)
         )
-        await db.execute(
+        db.execute(
             "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
             "SELECT reseller_id, id, 'refund', charge, ?, ? FROM orders WHERE id = ? "
             "AND charge > 0",
@@ -381,11 +387,11 @@ class OrderStore(Database):
         )
 
     @staticmethod
-    async def _insert_resolve_event(
-        db: aiosqlite.Connection, order_id: int, now: float, detail: str
+    def _insert_resolve_event(
+        db: sqlite3.Connection, order_id: int, now: float, detail: str
     ) -> None:
         """An operator action in the order's history, with the order's status after it."""
-        await db.execute(
+        db.execute(
             "INSERT INTO order_events (order_id, at, kind, status, detail) "
             "SELECT id, ?, 'resolve', status, ? FROM orders WHERE id = ?",
             (now, detail, order_id),

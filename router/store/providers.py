@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Iterable, Sequence
 
 from router.store.database import Database
@@ -20,12 +21,13 @@ class ProviderStore(Database):
     # --- Providers: balances, catalogues, reports ----------------------------------------------
 
     async def record_balance(self, read: BalanceRead) -> None:
-        async with self._write() as db:
-            await db.execute(
+        await self.write(
+            lambda db: db.execute(
                 "INSERT INTO provider_balances (provider, balance, currency, read_at) "
                 "VALUES (?, ?, ?, ?)",
                 (read.provider, read.balance, read.currency, read.read_at),
             )
+        )
 
     async def last_balances(self) -> dict[str, BalanceRead]:
         """Each provider's latest balance read."""
@@ -48,13 +50,15 @@ class ProviderStore(Database):
 
     async def prune_balances(self, older_than: float) -> int:
         """Forget balance reads older than `older_than`, but never a provider's last one."""
-        async with self._write() as db:
-            cursor = await db.execute(
-                "DELETE FROM provider_balances WHERE read_at < ? AND id NOT IN "
-                "(SELECT max(id) FROM provider_balances GROUP BY provider)",
-                (older_than,),
+        return await self.write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM provider_balances WHERE read_at < ? AND id NOT IN "
+                    "(SELECT max(id) FROM provider_balances GROUP BY provider)",
+                    (older_than,),
+                ).rowcount
             )
-        return cursor.rowcount
+        )
 
     async def no_funds_refusals(
         self, provider: str, *, before: float = math.inf, limit: int = 100
@@ -73,11 +77,12 @@ class ProviderStore(Database):
 
     async def record_breaker_event(self, provider: str, at: float, state: str) -> None:
         """A transition of the provider's breaker at `at` (unix time): 'open' or 'healthy'."""
-        async with self._write() as db:
-            await db.execute(
+        await self.write(
+            lambda db: db.execute(
                 "INSERT INTO breaker_events (provider, at, state) VALUES (?, ?, ?)",
                 (provider, at, state),
             )
+        )
 
     async def last_breaker_events(self, providers: Iterable[str]) -> dict[str, BreakerEvent]:
         """Each provider's last breaker transition; none for a provider without any."""
@@ -94,13 +99,15 @@ class ProviderStore(Database):
 
     async def prune_breaker_events(self, older_than: float) -> int:
         """Forget transitions older than `older_than`, but never a provider's last one."""
-        async with self._write() as db:
-            cursor = await db.execute(
-                "DELETE FROM breaker_events WHERE at < ? AND id NOT IN "
-                "(SELECT max(id) FROM breaker_events GROUP BY provider)",
-                (older_than,),
+        return await self.write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM breaker_events WHERE at < ? AND id NOT IN "
+                    "(SELECT max(id) FROM breaker_events GROUP BY provider)",
+                    (older_than,),
+                ).rowcount
             )
-        return cursor.rowcount
+        )
 
     async def spend_since(self, providers: Iterable[str], since: float) -> dict[str, int]:
         """What each provider costs for the orders it holds created from `since` (unix time)
@@ -144,14 +151,15 @@ class ProviderStore(Database):
 
         A service it does not list keeps its last known terms, marked not present.
         """
-        async with self.transaction() as db:
-            await db.execute(
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO provider_catalogues (provider, fetched_at, services) VALUES (?, ?, ?) "
                 "ON CONFLICT (provider) DO UPDATE SET fetched_at = excluded.fetched_at, "
                 "services = excluded.services",
                 (provider, fetched_at, size),
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO route_catalogue (provider, service, present, name, type, rate, min, "
                 "max, refill, cancel, dripfeed, seen_at, checked_at) "
                 "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -179,12 +187,14 @@ class ProviderStore(Database):
                     if r.present
                 ],
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO route_catalogue (provider, service, present, checked_at) "
                 "VALUES (?, ?, 0, ?) ON CONFLICT (provider, service) DO UPDATE SET present = 0, "
                 "checked_at = excluded.checked_at",
                 [(provider, r.service, fetched_at) for r in routes if not r.present],
             )
+
+        await self.write(record)
 
     async def catalogue_fetches(self) -> dict[str, CatalogueFetch]:
         """When each provider's last usable catalogue came, and its size."""

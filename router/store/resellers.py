@@ -14,20 +14,24 @@ class ResellerStore(Database):
 
     async def create_reseller(self, name: str, key_hash: str, balance: int = 0) -> Reseller:
         now = time.time()
-        try:
-            async with self.transaction() as db:
-                cursor = await db.execute(
-                    "INSERT INTO resellers (name, key_hash, created_at) VALUES (?, ?, ?)",
-                    (name, key_hash, now),
+
+        def create(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "INSERT INTO resellers (name, key_hash, created_at) VALUES (?, ?, ?)",
+                (name, key_hash, now),
+            )
+            reseller_id = cursor.lastrowid
+            assert reseller_id is not None
+            if balance:
+                db.execute(
+                    "INSERT INTO ledger (reseller_id, kind, amount, note, created_at) "
+                    "VALUES (?, 'topup', ?, 'initial balance', ?)",
+                    (reseller_id, balance, now),
                 )
-                reseller_id = cursor.lastrowid
-                assert reseller_id is not None
-                if balance:
-                    await db.execute(
-                        "INSERT INTO ledger (reseller_id, kind, amount, note, created_at) "
-                        "VALUES (?, 'topup', ?, 'initial balance', ?)",
-                        (reseller_id, balance, now),
-                    )
+            return reseller_id
+
+        try:
+            reseller_id = await self.write(create)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot create reseller {name!r}: {_reason(exc)}") from exc
         return Reseller(reseller_id, name, True, balance)
@@ -62,13 +66,15 @@ class ResellerStore(Database):
         reseller = await self.reseller_by_name(name)
         if reseller is None:
             raise StoreError(f"no reseller named {name!r}")
+        args = (reseller.id, kind, amount, note, time.time())
         try:
-            async with self._write() as db:
-                await db.execute(
+            await self.write(
+                lambda db: db.execute(
                     "INSERT INTO ledger (reseller_id, kind, amount, note, created_at) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (reseller.id, kind, amount, note, time.time()),
+                    args,
                 )
+            )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"balance of {name!r} cannot change by that: {_reason(exc)}") from exc
         updated = await self.reseller_by_name(name)
@@ -82,11 +88,14 @@ class ResellerStore(Database):
         await self._update_reseller(name, "key_hash = ?", key_hash)
 
     async def _update_reseller(self, name: str, assignment: str, value: object) -> None:
-        async with self._write() as db:
-            cursor = await db.execute(
-                f"UPDATE resellers SET {assignment} WHERE name = ?", (value, name)
+        updated = await self.write(
+            lambda db: (
+                db.execute(
+                    f"UPDATE resellers SET {assignment} WHERE name = ?", (value, name)
+                ).rowcount
             )
-        if cursor.rowcount != 1:
+        )
+        if updated != 1:
             raise StoreError(f"no reseller named {name!r}")
 
     async def ledger(self, reseller_id: int) -> list[LedgerEntry]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-
-import aiosqlite
 
 from router.store.database import Database, _placeholders
 from router.store.records import (
@@ -37,14 +36,15 @@ class SyncStore(Database):
         for order, upstream_refill in refills:
             assert order.provider is not None
             values += (order.id, order.reseller_id, order.provider, upstream_refill, now, now)
-        async with self._write() as db:
-            rows = await db.execute_fetchall(
+        rows = await self.write(
+            lambda db: db.execute(
                 "INSERT INTO refills (order_id, reseller_id, provider, upstream_refill, "
                 "created_at, updated_at) VALUES "
                 + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(refills))
                 + " RETURNING order_id, id",
                 values,
-            )
+            ).fetchall()
+        )
         return {row[0]: row[1] for row in rows}
 
     async def open_refills_of(self, order_ids: Sequence[int]) -> dict[int, int]:
@@ -132,9 +132,10 @@ class SyncStore(Database):
         same = [r for r in records if r.status is not None and r.status == r.seen_status]
         unreadable = [r for r in records if r.status is None]
         changed = [r for r in records if r.status is not None and r.status != r.seen_status]
-        changes: list[StatusChange] = []
-        async with self.transaction() as db:
-            await db.executemany(
+
+        def apply(db: sqlite3.Connection) -> list[StatusChange]:
+            changes: list[StatusChange] = []
+            db.executemany(
                 "UPDATE orders SET start_count = coalesce(?, start_count), "
                 "remains = coalesce(?, remains), cost = coalesce(?, cost), "
                 "upstream_charge = coalesce(?, upstream_charge), "
@@ -153,7 +154,7 @@ class SyncStore(Database):
                     for r in same
                 ],
             )
-            await db.executemany(
+            db.executemany(
                 "UPDATE orders SET start_count = coalesce(?, start_count), "
                 "remains = coalesce(?, remains), cost = coalesce(?, cost), "
                 "upstream_charge = coalesce(?, upstream_charge), "
@@ -164,7 +165,7 @@ class SyncStore(Database):
                     for r in unreadable
                 ],
             )
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO order_events (order_id, at, kind, status, detail) "
                 "SELECT id, ?, 'unknown_status', status, ? FROM orders WHERE id = ? "
                 f"AND {_ACTIVE_ORDER}",
@@ -175,17 +176,19 @@ class SyncStore(Database):
                 ],
             )
             for record in changed:
-                change = await self._change_status(db, record, checked_at)
+                change = self._change_status(db, record, checked_at)
                 if change is not None:
                     changes.append(change)
-        return changes
+            return changes
+
+        return await self.write(apply)
 
     @staticmethod
-    async def _change_status(
-        db: aiosqlite.Connection, record: StatusRecord, now: float
+    def _change_status(
+        db: sqlite3.Connection, record: StatusRecord, now: float
     ) -> StatusChange | None:
         assert record.status is not None
-        cursor = await db.execute(
+        cursor = db.execute(
             "UPDATE orders SET status = ?, start_count = coalesce(?, start_count), "
             "remains = coalesce(?, remains), cost = coalesce(?, cost), "
             "upstream_charge = coalesce(?, upstream_charge), "
@@ -204,14 +207,14 @@ class SyncStore(Database):
         )
         if cursor.rowcount != 1:
             return None  # another pass moved it first, or it left `placed`: nothing to do
-        await db.execute(
+        db.execute(
             "INSERT INTO order_events (order_id, at, kind, status, detail) "
             "VALUES (?, ?, 'status', ?, ?)",
             (record.order_id, now, record.status, record.detail),
         )
         if record.refund <= 0:
             return StatusChange(record.order_id, record.status, 0)
-        cursor = await db.execute(
+        cursor = db.execute(
             "INSERT INTO ledger (reseller_id, order_id, kind, amount, note, created_at) "
             "SELECT reseller_id, id, 'refund', ?, ?, ? FROM orders WHERE id = ? "
             "ON CONFLICT DO NOTHING",
@@ -269,34 +272,37 @@ class SyncStore(Database):
         """New refill words, each applied only from the word read before asking."""
         if not changes:
             return
-        now = time.time()
-        async with self.transaction() as db:
-            await db.executemany(
-                "UPDATE refills SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                [(word, now, refill.id, refill.status) for refill, word in changes],
+        rows = [(word, time.time(), refill.id, refill.status) for refill, word in changes]
+        await self.write(
+            lambda db: db.executemany(
+                "UPDATE refills SET status = ?, updated_at = ? WHERE id = ? AND status = ?", rows
             )
+        )
 
     async def record_cancel_requests(self, outcomes: Mapping[int, str | None]) -> None:
         """Forwarded cancels in their orders' history: None when the upstream took it."""
         if not outcomes:
             return
         now = time.time()
-        async with self.transaction() as db:
-            await db.executemany(
+        rows = [
+            (now, "requested" if error is None else f"refused: {error}", order_id)
+            for order_id, error in outcomes.items()
+        ]
+        await self.write(
+            lambda db: db.executemany(
                 "INSERT INTO order_events (order_id, at, kind, status, detail) "
                 "SELECT id, ?, 'cancel', status, ? FROM orders WHERE id = ?",
-                [
-                    (now, "requested" if error is None else f"refused: {error}", order_id)
-                    for order_id, error in outcomes.items()
-                ],
+                rows,
             )
+        )
 
     async def create_placed_orders(self, orders: Sequence[tuple[NewOrder, int]]) -> range:
         """Orders already placed upstream (NewOrder, upstream order ID), debited, in ONE
         transaction; their local IDs. For imports and tests that need thousands at once."""
         now = time.time()
-        async with self.transaction() as db:
-            await db.executemany(
+
+        def create(db: sqlite3.Connection) -> int:
+            db.executemany(
                 "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, params, "
                 "provider, upstream_service, upstream_order, created_at, updated_at) "
                 "VALUES (?, ?, 'placed', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -317,9 +323,10 @@ class SyncStore(Database):
                     for o, upstream_order in orders
                 ],
             )
-            rows = await db.execute_fetchall("SELECT max(id) FROM orders")
-        last = int(rows[0][0] or 0)  # type: ignore[index]
-        # Under the write lock, rowids of one transaction's inserts are consecutive.
+            return int(db.execute("SELECT max(id) FROM orders").fetchone()[0] or 0)
+
+        last = await self.write(create)
+        # One writer: the rowids of one job's inserts are consecutive.
         return range(last - len(orders) + 1, last + 1)
 
 
