@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -32,6 +32,7 @@ log = structlog.get_logger("router.api")
 
 JSON: Final = "application/json"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"  # the header form of `add`'s `request_id`
+REQUEST_ID_BYTES: Final = 8  # of a log line's `request_id`: 16 hex digits
 TOO_MANY_REQUESTS_STATUS: Final = 429
 # `status` formats up to 100 charges per request, most of them the same few amounts (one
 # service, one quantity): formatted once each. A pure function of the integer: nothing it keeps
@@ -220,7 +221,8 @@ class V2Api:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+        # 16 random hex digits, as before (uuid4 cost five times as much).
+        structlog.contextvars.bind_contextvars(request_id=os.urandom(REQUEST_ID_BYTES).hex())
         action = UNKNOWN_ACTION
         admission: Admission | None = None
         try:

@@ -7,6 +7,7 @@ a `key=...` in any of them is redacted before any handler sees it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -31,6 +32,23 @@ _SECRET_IN_TEXT: Final = re.compile(
     r"(?i)\b(" + "|".join(sorted(SECRET_FIELDS)) + r")=[^&;\s'\"\\]*"
 )
 _TRACEBACKS: Final = logging.Formatter()
+
+
+def _json_fallback(value: Any) -> Any:
+    """What structlog's JSONRenderer writes for a value JSON has no type for."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+# Built once: `json.dumps(..., default=...)` builds a new encoder on every line it writes.
+_ENCODE_LINE: Final = json.JSONEncoder(default=_json_fallback).encode
+
+
+def _dumps_line(event_dict: Any, **_kw: Any) -> str:
+    """The JSON line of `event_dict`, exactly as `json.dumps(event_dict, default=...)`."""
+    return _ENCODE_LINE(event_dict)
 
 
 def redact_secrets(
@@ -87,7 +105,9 @@ def configure(*, json_lines: bool | None = None, level: int = logging.INFO) -> N
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps_line)
+        if json_lines
+        else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
         processors=[
