@@ -16,10 +16,10 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import structlog
@@ -118,6 +118,21 @@ async def warn_orphaned(store: Store, config: Config) -> None:
         log.warning("orphaned_orders", provider=provider, count=count)
 
 
+@contextlib.asynccontextmanager
+async def _running(name: str, *loops: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Each of `loops` as a task named `name` while the block runs; cancelled, and waited for,
+    on the way out."""
+    tasks = [asyncio.create_task(loop, name=name) for loop in loops]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = await Store.open(app[CONFIG].database, trace=app.get(SQL_TRACE))
     await hold_interrupted(store, app[CONFIG])
@@ -132,11 +147,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:
     calls = app[CALLS]
-    task = asyncio.create_task(calls.run(), name="call-log")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with _running("call-log", calls.run()):
+        yield
     await calls.flush()
 
 
@@ -147,12 +159,8 @@ def _call_rollup_ctx(
     the store's steps)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(app[CALLS].tidy(), name="call-rollup") if background else None
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with _running("call-rollup", *([app[CALLS].tidy()] if background else [])):
+            yield
 
     return ctx
 
@@ -201,12 +209,8 @@ def _placing_sweep_ctx(
                 log.exception("placing_sweep_failed")
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sweep(app), name="placing-sweep") if background else None
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with _running("placing-sweep", *([sweep(app)] if background else [])):
+            yield
 
     return ctx
 
@@ -243,13 +247,8 @@ def _provider_watch_ctx(
             if background
             else []
         )
-        tasks = [asyncio.create_task(loop, name="provider-watch") for loop in loops]
-        yield
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with _running("provider-watch", *loops):
+            yield
 
     return ctx
 

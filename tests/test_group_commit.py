@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ from router.config import Limits
 from router.store import Store
 from router.store import writer as writer_module
 from tests.conftest import RouterFactory, SimFactory, free_port, service, wait_for
+from tests.test_held import router_process, wait_ready
 
 ADD = {"action": "add", "service": "1", "link": "x", "quantity": "1000"}  # 1.00 each
 
@@ -241,38 +241,6 @@ WORKERS = 48  # adds in flight at any time
 ANSWERED_BEFORE_KILL = 300
 
 
-@asynccontextmanager
-async def serving(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m router serve`, killed at the end if still running."""
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "serve", "--config", str(config),
-            stdout=output, stderr=output,
-        )  # fmt: skip
-        try:
-            yield process
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-
-
-async def ready(http: aiohttp.ClientSession, base: str, process: Any, log: Path) -> None:
-    async def answers() -> bool:
-        assert process.returncode is None, log.read_text()
-        try:
-            async with http.get(f"{base}/healthz") as response:
-                return response.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    for _ in range(600):
-        if await answers():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the router never answered /healthz: {log.read_text()}")
-
-
 async def test_a_sigkill_among_many_adds_loses_no_answered_order(
     start_sim: SimFactory, tmp_path: Path
 ) -> None:
@@ -285,11 +253,11 @@ async def test_a_sigkill_among_many_adds_loses_no_answered_order(
     await store.close()
     base = f"http://127.0.0.1:{port}"
     answered: list[int] = []
-    log = tmp_path / "router.log"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
 
     async with aiohttp.ClientSession() as http:
-        async with serving(config, log) as process:
-            await ready(http, base, process, log)
+        async with router_process(config, first_log) as process:
+            await wait_ready(http, base, process, first_log)
 
             async def keep_adding() -> None:
                 while True:
@@ -309,8 +277,9 @@ async def test_a_sigkill_among_many_adds_loses_no_answered_order(
             await asyncio.gather(*workers)
         known = list(answered)
 
-        async with serving(config, log) as process:  # start-up holds what the kill left placing
-            await ready(http, base, process, log)
+        # Start-up holds what the kill left placing.
+        async with router_process(config, second_log) as process:
+            await wait_ready(http, base, process, second_log)
             store = await Store.open(tmp_path / "router.db")
             try:
                 for order_id in known:
