@@ -77,6 +77,43 @@ async def test_a_cancelled_caller_s_write_runs_to_its_end(store: Store) -> None:
     assert await store.ledger_sum(reseller.id) == 500
 
 
+def _block_until_committed(writer: Any, committed: int) -> None:
+    """Block the event loop (on purpose: nothing on it may run meanwhile) until the writer
+    has committed past `committed` and handed the answer to the loop."""
+    deadline = time.monotonic() + 10
+    while writer.commits == committed and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)  # the answer is handed to the loop just after the commit count moves
+
+
+async def test_a_cancel_that_crosses_the_job_s_answer_still_ends(store: Store) -> None:
+    """The job's answer is already queued on the loop when its caller is cancelled: the
+    answer reaches the cancelled future first. The caller must still get its cancel (the job
+    is over and committed), not wait forever for an end that already came."""
+    reseller = await store.create_reseller("acme", "hash", 0)
+    go_on = threading.Event()
+
+    def topup(db: sqlite3.Connection) -> None:
+        go_on.wait()
+        db.execute(
+            "INSERT INTO ledger (reseller_id, kind, amount, created_at) "
+            "VALUES (?, 'topup', 500, 0)",
+            (reseller.id,),
+        )
+
+    writer = store._writer
+    assert writer is not None
+    committed = writer.commits
+    task = asyncio.create_task(store.write(topup))
+    await asyncio.sleep(0)  # the job is queued, its caller waits
+    go_on.set()
+    _block_until_committed(writer, committed)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert await store.ledger_sum(reseller.id) == 500
+
+
 async def _placing(store: Store) -> tuple[int, int]:
     reseller = await store.create_reseller("acme", "hash", 1000)
     order_id = await store.reserve_order(
