@@ -1,4 +1,5 @@
-"""Group commit: one writer commits every write queued as one transaction, a savepoint each.
+"""Group commit: one writer commits every write queued as one transaction, a savepoint each
+(but for a one-statement job: SQLite undoes a failed statement whole).
 
 A batch is forced where it matters (a first job holds the writer's thread until the others
 are queued) and observed by the batch each job reads (`Store.batch`) and the writer's counts
@@ -9,12 +10,14 @@ real `smm-router serve` process killed with SIGKILL, against a real simulator ov
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pytest
 from router import v2
 from router.api import hash_key
 from router.config import Limits
-from router.store import Store
+from router.store import Statement, Store
 from router.store import writer as writer_module
 from tests.conftest import RouterFactory, SimFactory, free_port, service, wait_for
 from tests.test_held import router_process, wait_ready
@@ -108,6 +111,53 @@ async def test_a_failing_job_is_rolled_back_alone_and_its_batch_commits(store: S
     assert after is not None and after.balance == 1_000 + 33
     assert await store.ledger_sum(reseller.id) == after.balance
     assert [e.amount for e in await store.ledger(reseller.id)] == [1_000, *[10] * 3, *[1] * 3]
+
+
+async def test_a_failing_statement_is_undone_whole_without_a_savepoint(store: Store) -> None:
+    """A Statement job runs without a savepoint: the one that fails after its first row took
+    effect (two ledger rows, the second below zero) leaves nothing of itself, and the jobs of
+    its batch, Statements and functions, commit with their answers."""
+    reseller = await store.create_reseller("acme", "hash", 1_000)
+    insert = "INSERT INTO ledger (reseller_id, kind, amount, created_at) VALUES "
+
+    def statement(amount: int) -> Statement:
+        return Statement(f"{insert}(?, 'topup', ?, 0) RETURNING amount", (reseller.id, amount))
+
+    commits_before, _ = store.commit_counts
+    async with writer_held(store) as holder:
+        good = [asyncio.create_task(store.write(statement(10))) for _ in range(3)]
+        bad = asyncio.create_task(
+            store.write(
+                Statement(
+                    f"{insert}(?, 'topup', -100, 0), (?, 'topup', -1000000, 0)",
+                    (reseller.id, reseller.id),
+                )
+            )
+        )
+        good.append(asyncio.create_task(store.write(ledger_row(store, reseller.id, 1))))
+        good.append(asyncio.create_task(store.write(statement(2))))
+        await queued([*good, bad])
+    await holder
+    answers = await asyncio.gather(*good)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed: balance"):
+        await bad
+
+    assert answers[:3] == [[(10,)]] * 3 and answers[4] == [(2,)]
+    assert store.commit_counts[0] == commits_before + 2  # the holder's batch, then theirs
+    after = await store.reseller_by_name("acme")
+    assert after is not None and after.balance == 1_000 + 33
+    assert [e.amount for e in await store.ledger(reseller.id)] == [1_000, *[10] * 3, 1, 2]
+
+
+def test_no_migration_fails_a_statement_halfway() -> None:
+    """A Statement job has no savepoint: it relies on SQLite undoing a failed statement whole.
+    A conflict clause or trigger RAISE of FAIL stops a statement and KEEPS what it did so far;
+    none may appear in the schema."""
+    for migration in sorted(resources.files("router.migrations").iterdir(), key=str):
+        if migration.name.endswith(".sql"):
+            text = migration.read_text()
+            assert not re.search(r"(?i)\bRAISE\s*\(\s*FAIL\b|\bON\s+CONFLICT\s+FAIL\b", text)
+            assert not re.search(r"(?i)\bOR\s+FAIL\b", text), migration.name
 
 
 async def test_a_commit_that_fails_fails_its_whole_batch_and_stores_none_of_it(

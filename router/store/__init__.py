@@ -73,7 +73,7 @@ from router.store.records import (
 from router.store.reports import ReportStore
 from router.store.resellers import ResellerStore
 from router.store.sync import SyncStore
-from router.store.writer import MAX_BATCH, WAL_RETRY_SECONDS, Job, WriterClosed
+from router.store.writer import MAX_BATCH, WAL_RETRY_SECONDS, Job, Statement, WriterClosed
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -114,6 +114,7 @@ __all__ = [
     "ResellerSummary",
     "RouteListing",
     "SqlTrace",
+    "Statement",
     "StatusChange",
     "StatusRecord",
     "Store",

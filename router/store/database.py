@@ -29,14 +29,14 @@ from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, overload
 from urllib.parse import quote
 
 import aiosqlite
 import structlog
 
 from router.store.records import Order
-from router.store.writer import Job, Writer
+from router.store.writer import Job, Statement, Writer
 
 T = TypeVar("T")
 SqlTrace = Callable[[str], object]  # called with each statement run, values filled in
@@ -254,10 +254,16 @@ class Database:
         if self._hot is not None:
             self._hot.close()
 
-    async def write(self, job: Job[T]) -> T:
-        """Run `job(db)` on the writer and return its result once it is committed: the one
-        way anything writes (see the module docstring). A read-only store refuses as SQLite
-        does (OperationalError), and never queues anything."""
+    @overload
+    async def write(self, job: Statement) -> list[Any]: ...
+
+    @overload
+    async def write(self, job: Job[T]) -> T: ...
+
+    async def write(self, job: Job[T] | Statement) -> T | list[Any]:
+        """Run `job(db)` (or the one Statement) on the writer and return its result once it
+        is committed: the one way anything writes (see the module docstring). A read-only
+        store refuses as SQLite does (OperationalError), and never queues anything."""
         if self._writer is None:
             raise sqlite3.OperationalError("attempt to write a readonly database")
         return await self._writer.run(job)

@@ -33,6 +33,7 @@ from router.store.records import (
     OrderStatus,
     _order,
 )
+from router.store.writer import Statement
 
 
 class OrderStore(Database):
@@ -64,18 +65,16 @@ class OrderStore(Database):
             order.charge,
         )
 
-        def reserve(db: sqlite3.Connection) -> list[tuple[int]]:
-            return db.execute(
-                "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
-                "params, provider, upstream_service, created_at, updated_at, placing_by, "
-                "request_id, config_version) "
-                "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
-                "WHERE id = ? AND enabled = 1 AND balance >= ? "
-                "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
-                "DO NOTHING RETURNING id",
-                args,
-            ).fetchall()
-
+        reserve = Statement(
+            "INSERT INTO orders (reseller_id, service, state, link, quantity, charge, "
+            "params, provider, upstream_service, created_at, updated_at, placing_by, "
+            "request_id, config_version) "
+            "SELECT id, ?, 'placing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM resellers "
+            "WHERE id = ? AND enabled = 1 AND balance >= ? "
+            "ON CONFLICT (reseller_id, request_id) WHERE request_id IS NOT NULL "
+            "DO NOTHING RETURNING id",
+            args,
+        )
         try:
             rows = await self.write(reserve)  # one statement, committed with the others queued
         except sqlite3.IntegrityError as exc:
@@ -155,9 +154,8 @@ class OrderStore(Database):
         )
         attempts_json = _attempts_json(attempts)
 
-        def settle(db: sqlite3.Connection) -> None:
-            now = time.time()
-            args = (
+        def settle_args(now: float) -> tuple[object, ...]:
+            return (
                 attempts_json,
                 state,
                 provider,
@@ -168,9 +166,10 @@ class OrderStore(Database):
                 self.owner,
                 estimated_cost,
             )
-            rows = db.execute(statement, args).fetchall()
-            if state != "canceled" and event is None:
-                return  # the hot path of `add`: one statement
+
+        def settle(db: sqlite3.Connection) -> None:
+            now = time.time()
+            rows = db.execute(statement, settle_args(now)).fetchall()
             # Moved iff it was ours: no other writer can end in `state` from elsewhere here.
             settled = [row[0] for row in rows] == [state]
             if state == "canceled" and settled:
@@ -178,10 +177,13 @@ class OrderStore(Database):
             if event is not None and settled:
                 self._insert_resolve_event(db, order_id, now, event)
 
+        async def write() -> object:
+            if state != "canceled" and event is None:  # the hot path of `add`: one statement
+                return await self.write(Statement(statement, settle_args(time.time())))
+            return await self.write(settle)
+
         try:
-            await self._until_stored(
-                lambda: self.write(settle), f"settle order {order_id} as {state}"
-            )
+            await self._until_stored(write, f"settle order {order_id} as {state}")
         except sqlite3.IntegrityError as exc:
             if provider is None or upstream_order is None or not _upstream_taken(exc):
                 raise

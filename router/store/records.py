@@ -71,7 +71,7 @@ class Order:
 
 
 class OrderStatus(NamedTuple):
-    """What a reseller's `status` shows of one of its orders (router.api.order_view).
+    """What a reseller's `status` shows of one of its orders (router.api.order_json).
 
     A named tuple rather than a frozen dataclass: `status` makes up to 100 per request straight
     from the rows of one index (Store.order_statuses), and a tuple is built in a fifth of the
