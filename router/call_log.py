@@ -50,12 +50,11 @@ class CallLog:
         self._wake = asyncio.Event()
 
     def record(self, call: CallRecord) -> None:
-        self.metrics.upstream_requests.labels(
-            provider=call.provider, action=call.action, outcome=str(call.outcome)
+        metrics = self.metrics
+        metrics.series(
+            metrics.upstream_requests, call.provider, call.action, str(call.outcome)
         ).inc()
-        self.metrics.upstream_duration.labels(provider=call.provider, action=call.action).observe(
-            call.latency
-        )
+        metrics.series(metrics.upstream_duration, call.provider, call.action).observe(call.latency)
         self._pending.append(call)
         if len(self._pending) >= CALL_FLUSH_BATCH:
             self._wake.set()

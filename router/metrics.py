@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +30,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from router import __version__, v2
@@ -53,6 +54,8 @@ PROVIDER_STATES: Final = tuple(str(state) for state in STATES)  # router.health'
 SKIP_REASONS: Final = tuple(str(reason) for reason in REASONS)  # router.routing's reasons
 CATALOGUE_OUTCOMES: Final = ("accepted", "held_back", "refused", "unreachable", "ambiguous")
 RELOAD_OUTCOMES: Final = ("applied", "refused")
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # The bounds of the store's latency rollups too: `providers` and a dashboard see one histogram.
 _LATENCY_BUCKETS: Final = CALL_LATENCY_BUCKETS
@@ -201,6 +204,8 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        # The label sets of the per-request series (see `series`), looked up once each.
+        self._series: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self.stored = StoredMetrics(providers, currency=currency)
         registry.register(self.stored)
         for action in ACTIONS:
@@ -210,6 +215,16 @@ class Metrics:
             self.config_reloads.labels(outcome=outcome)
         for provider in providers:
             self.add_provider(provider)
+
+    def series(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)` (values in the order of its label names), found once and
+        kept: the lookup costs three times the increment, and the requests path makes a few
+        per request. Only for series nothing removes (a removed child would be kept here)."""
+        key = (metric, values)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*values)
+        return child
 
     def add_provider(self, provider: str) -> None:
         """Create the label sets of a provider (at start-up, and for one a reload adds)."""

@@ -210,8 +210,6 @@ def extract_json(body: str) -> Any:
 
 # --- Strict parsing of reseller input ------------------------------------------------------------
 
-_PLAIN_INT = re.compile(rf"[0-9]{{1,{MAX_PLAIN_DIGITS}}}")
-
 
 def parse_plain_int(value: str | None, *, maximum: int) -> int | None:
     """A plain decimal integer from 0 to `maximum` (no sign, no spaces inside), else None.
@@ -222,7 +220,9 @@ def parse_plain_int(value: str | None, *, maximum: int) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not _PLAIN_INT.fullmatch(text):
+    # ASCII digits only (`isdigit` alone takes "²" and "٣"); the string methods, not a
+    # regular expression: `status` reads up to 100 of these per request.
+    if not (0 < len(text) <= MAX_PLAIN_DIGITS and text.isascii() and text.isdigit()):
         return None
     number = int(text)
     return number if number <= maximum else None

@@ -18,9 +18,10 @@ import structlog
 from aiohttp import web
 
 from router import logs, v2
-from router.api import hash_key
+from router.api import hash_key, order_json, statuses_json
 from router.app import STORE, serve
 from router.config import Listener
+from router.store import OrderStatus
 from tests.conftest import (
     Router,
     RouterFactory,
@@ -413,3 +414,45 @@ async def test_serve_parses_and_refuses_as_the_tests_do(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _view(order: OrderStatus, currency: str) -> dict[str, str]:
+    """V2.md's `status` of one order, as a dict: what `order_json` must encode exactly."""
+    view = {
+        "charge": v2.format_money(order.charge - order.refunded),
+        "start_count": str(order.start_count or 0),
+        "status": order.status if order.state in ("placed", "canceled") else v2.PENDING,
+        "remains": str(order.quantity if order.remains is None else order.remains),
+        "currency": currency,
+    }
+    if order.runs is not None:
+        view["runs"] = order.runs
+    return view
+
+
+STATUS_ORDERS = [
+    OrderStatus(1, "placed", "In progress", 1000, 123456, 0, 150, 400, None),
+    OrderStatus(2, "placing", "Pending", 10, 90, 0, None, None, None),
+    OrderStatus(3, "placed", "Partial", 500, 100000, 25000, 0, 125, None),
+    OrderStatus(4, "canceled", "Canceled", 100, 5, 5, None, 100, None),
+    OrderStatus(5, "held", "In progress", 100, 5, 0, 7, 3, None),
+    OrderStatus(6, "placed", "Completed", 100, 100, 0, 12, 0, "10"),
+    OrderStatus(7, "placed", 'Odd "word"\\é', 100, 100, 0, -1, -5, 'x"\u2028'),
+]
+
+
+@pytest.mark.parametrize("currency", ["USD", "€uro", 'q"'])
+def test_status_text_is_what_json_dumps_writes(currency: str) -> None:
+    """Each order's status text, and a list of them with unknown, malformed and repeated IDs,
+    byte for byte what `json.dumps` writes for the V2.md shapes."""
+    currency_json = json.dumps(currency)
+    for order in STATUS_ORDERS:
+        assert order_json(order, currency_json) == json.dumps(_view(order, currency))
+    orders = {order.id: order for order in STATUS_ORDERS}
+    ids = [("3", 3), ("x", None), ("1", 1), ("99", 99), ("3", 3), ("é", None), ("7", 7)]
+    ids += [(str(order.id), order.id) for order in STATUS_ORDERS]
+    expected = {
+        sent: _view(orders[i], currency) if i in orders else {"error": v2.INCORRECT_ORDER}
+        for sent, i in ids
+    }
+    assert statuses_json(ids, orders, currency_json) == json.dumps(expected)

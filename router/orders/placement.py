@@ -160,7 +160,7 @@ class Placement(DeskBase):
                 finally:
                     self.fleet.after_spend(route.provider, step.upstream_cost)
                     await self.fleet.after_add(route.provider, result, cost=step.upstream_cost)
-                self.metrics.orders.labels(service=str(service.id), state=state).inc()
+                self.metrics.series(self.metrics.orders, str(service.id), state).inc()
                 return order_id
             await self.fleet.after_add(route.provider, result, cost=step.upstream_cost)
             if not routing.fails_over(result.outcome):
