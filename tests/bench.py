@@ -25,8 +25,10 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ import aiohttp
 from aiohttp import web
 
 from router import v2
+from router.store import Attempt, NewOrder, Store
 from tests.bench_load import GENERATORS, WARM_UP_SECONDS, Load, describe, measure, resolve
 
 SIM_KEY: Final = "bench-sim-key"
@@ -53,6 +56,7 @@ DEFAULT_CONNECTIONS: Final = 64
 READY_POLL_SECONDS: Final = 0.01
 READY_TIMEOUT_SECONDS: Final = 60.0
 STOP_TIMEOUT_SECONDS: Final = 15.0
+FLOOR_ORDERS: Final = 300  # orders written one after another for the store's floor
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: {api}}}
 metrics: {{host: 127.0.0.1, port: {metrics}}}
@@ -179,6 +183,103 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user and system, every thread) the process has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One server's load, and the CPU it spent per good answer (None where unknown)."""
+
+    load: Load
+    cpu_per_answer: float | None
+
+
+async def measured(
+    url: str, body: str, *, pid: int, connections: int, seconds: float, check: bytes, generator: str
+) -> Measured:
+    """`measure`, with the CPU the server `pid` spent over the measured seconds (the warm-up
+    is run first, apart, so that its answers are not counted against it)."""
+    await measure(
+        url,
+        [body],
+        connections=connections,
+        seconds=WARM_UP_SECONDS,
+        check=check,
+        generator=generator,
+        warm_up=0,
+    )
+    before = cpu_seconds(pid)
+    load = await measure(
+        url,
+        [body],
+        connections=connections,
+        seconds=seconds,
+        check=check,
+        generator=generator,
+        warm_up=0,
+    )
+    after = cpu_seconds(pid)
+    good = load.answers - load.failed
+    spent = None if before is None or after is None or not good else (after - before) / good
+    return Measured(load, spent)
+
+
+async def store_floor(database: Path, folder: Path) -> str:
+    """What one order's two durable writes cost in the store alone, one order at a time: the
+    reserve and the settle of `add`, through the store's writer, with nothing else running.
+    On a copy of the bench's database (its schema, its triggers, its size), once the router
+    has stopped. No router can answer one connection's `add` faster than this plus the
+    pass-through's own time."""
+    copy = folder / "floor.db"
+    shutil.copyfile(database, copy)
+    store = await Store.open(copy)
+    reserve, settle = [], []
+    try:
+        reseller = await store.reseller_by_name("bench")
+        assert reseller is not None
+        for n in range(FLOOR_ORDERS):
+            started = time.perf_counter()
+            order_id = await store.reserve_order(
+                NewOrder(
+                    reseller.id,
+                    1,
+                    "https://x.example/p",
+                    100,
+                    v2.to_minor(CHARGE),
+                    {"link": "https://x.example/p", "quantity": "100"},
+                    "sim",
+                    101,
+                )
+            )
+            reserved = time.perf_counter()
+            assert order_id is not None
+            attempt = Attempt(1, "sim", 101, time.time(), 0.001, "accepted", None, 10**9 + n)
+            await store.settle_order(
+                order_id,
+                state="placed",
+                attempts=[attempt],
+                provider="sim",
+                upstream_service=101,
+                upstream_order=10**9 + n,
+            )
+            reserve.append(reserved - started)
+            settle.append(time.perf_counter() - reserved)
+    finally:
+        await store.close()
+    total = [a + b for a, b in zip(reserve, settle, strict=True)]
+    return (
+        f"p50 {ms(statistics.median(total))} per order (reserve {ms(statistics.median(reserve))}"
+        f", settle {ms(statistics.median(settle))}; {FLOOR_ORDERS} orders one at a time, two "
+        "durable commits each, through the store's writer and nothing else)"
+    )
+
+
 @dataclass(frozen=True)
 class Target:
     """One row of the closing table."""
@@ -265,12 +366,14 @@ def print_targets(rows: list[Target]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
-def print_load(name: str, who: str, load: Load) -> None:
+def print_load(name: str, who: str, measured: Measured) -> None:
+    load = measured.load
     failed = f", {load.failed} FAILED" if load.failed else ""
+    cpu = "" if measured.cpu_per_answer is None else f", CPU {ms(measured.cpu_per_answer)}/answer"
     print(
         f"  {name:<22} {who:<13} {load.rate:9,.0f}/s  p50 {ms(load.p50):>9}  "
         f"p90 {ms(load.p90):>9}  p99 {ms(load.p99):>9}  "
-        f"({load.answers:,} answers in {load.seconds:.1f} s{failed})"
+        f"({load.answers:,} answers in {load.seconds:.1f} s{failed}{cpu})"
     )
 
 
@@ -362,7 +465,7 @@ async def run(seconds: float, connections: int, generator: str) -> int:
                 str(config),
                 ready_url=api.replace("/api/v2", "/healthz"),
                 stderr=router_err,
-            ),
+            ) as router_process,
             process(
                 python,
                 "-m",
@@ -371,17 +474,19 @@ async def run(seconds: float, connections: int, generator: str) -> int:
                 str(ports["proxy"]),
                 sim_url,
                 ready_url=proxy,
-            ),
+            ) as proxy_process,
         ):
+            pids = {proxy: proxy_process.child.pid, api: router_process.child.pid}
             loads: dict[str, tuple[Load, Load]] = {}
 
             async def pair(name: str, action: str, conns: int) -> None:
                 """The proxy, then the router at once: the same load, a moment apart."""
                 proxy_body, router_body, good = bodies[action]
-                measured = [
-                    await measure(
+                both = [
+                    await measured(
                         url,
-                        [body],
+                        body,
+                        pid=pids[url],
                         connections=conns,
                         seconds=seconds,
                         check=good,
@@ -389,9 +494,9 @@ async def run(seconds: float, connections: int, generator: str) -> int:
                     )
                     for url, body in ((proxy, proxy_body), (api, router_body))
                 ]
-                loads[name] = (measured[0], measured[1])
-                print_load(name, "pass-through", measured[0])
-                print_load(name, "router", measured[1])
+                loads[name] = (both[0].load, both[1].load)
+                print_load(name, "pass-through", both[0])
+                print_load(name, "router", both[1])
 
             await pair("add, 64 connections", "add", connections)
             await pair("add, 1 connection", "add", 1)
@@ -419,12 +524,14 @@ async def run(seconds: float, connections: int, generator: str) -> int:
         exact, ledger = ledger_check(database)
         router_err.close()
         commits = commits_of(router_log)
+        floor = await store_floor(database, Path(folder))
     print(f"load average after: {load_average()}")
     print()
     print_targets(targets(loads))
     print()
     print(f"ledger: {ledger}")
     print(f"group commit: {commits}")
+    print(f"the store's floor: {floor}")
     return 0 if exact else 1
 
 
