@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -41,6 +42,7 @@ from router.upstream import (
     parse_status_item,
     read_statuses,
 )
+from router.upstream.client import QUOTED_KEPT_CHARS, form_body
 
 VECTORS = Path(__file__).resolve().parent / "vectors"  # copies of ../shared/vectors
 ADD_CASES: list[dict[str, Any]] = json.loads((VECTORS / "upstream-add.json").read_text())["cases"]
@@ -1041,3 +1043,18 @@ async def test_the_key_never_shows_in_network_errors(session: aiohttp.ClientSess
                 await upstream_client.refill(1)
     assert result.outcome is Outcome.AMBIGUOUS
     assert_no_key(result.error, caught.value, caught.value.message)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"service": "7", "link": "https://x.example/p?a=1&b=2#c", "quantity": "100"},
+        {"key": "k+y/=&?%", "action": "add", "comments": "one\ntwo\r\nthree é ~*'()"},
+        {"orders": "1,2,3", "x y": "", "": "=", "runs": "10"},
+        {"link": "https://x.example/" + "é%+&" * QUOTED_KEPT_CHARS},  # past what is kept
+    ],
+)
+def test_a_form_body_is_what_urlencode_writes(form: dict[str, str]) -> None:
+    """Twice each: the second time from the kept quotes."""
+    for _ in range(2):
+        assert form_body(form) == urlencode(form).encode()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 import aiohttp
 import structlog
@@ -54,6 +55,22 @@ _FORM_HEADERS: Final = {aiohttp.hdrs.CONTENT_TYPE: "application/x-www-form-urlen
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, HttpProcessingError, OSError)  # TimeoutError too
 
 T = TypeVar("T")
+# Form fields as `urlencode` quotes them (quote_plus, nothing safe), the recent short ones kept:
+# names, the key, the action, service IDs and quantities repeat from call to call. A pure
+# function of the text: nothing kept can go stale; at most about 1 MB kept.
+QUOTED_KEPT: Final = 4096
+QUOTED_KEPT_CHARS: Final = 64  # a longer field (a link, comments) is quoted each time
+_quoted_short: Final = functools.lru_cache(maxsize=QUOTED_KEPT)(quote_plus)
+
+
+def form_body(form: Mapping[str, str]) -> bytes:
+    """`urlencode(form).encode()`, byte for byte. Encoded here: aiohttp's FormData machinery
+    was a tenth of an `add`'s CPU time, and `urlencode` a tenth of what was left."""
+    return "&".join(f"{_quoted(name)}={_quoted(value)}" for name, value in form.items()).encode()
+
+
+def _quoted(text: str) -> str:
+    return _quoted_short(text) if len(text) <= QUOTED_KEPT_CHARS else quote_plus(text)
 
 
 def _batch(ids: Sequence[int]) -> list[int]:
@@ -260,8 +277,7 @@ class UpstreamClient:
         """POST one action: (HTTP status, content type, body), or raise UpstreamUnreachable or
         OutcomeUnknown when no complete answer came back."""
         form = {**fields, "key": self._provider.key.value, "action": action}
-        # Encoded here: aiohttp's FormData machinery was a tenth of an `add`'s CPU time.
-        body = urlencode(form).encode()
+        body = form_body(form)
         try:
             async with self._session.post(
                 self._provider.url,
