@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
-# The router against a bare pass-through proxy, side by side (~2 minutes). The load generator
+# The router against a bare pass-through proxy, side by side (~2.5 minutes). The load generator
 # is wrk when it is on PATH (Debian: apt-get install wrk; nothing here installs it), else a
 # Python one, which takes more of the cores from the servers: the output says which ran.
 bench: $(STAMP)
