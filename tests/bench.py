@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -212,25 +212,16 @@ async def measured(
 ) -> Measured:
     """`measure`, with the CPU the server `pid` spent over the measured seconds (the warm-up
     is run first, apart, so that its answers are not counted against it)."""
-    await measure(
-        url,
-        [body],
-        connections=connections,
-        seconds=WARM_UP_SECONDS,
-        check=check,
-        generator=generator,
-        warm_up=0,
-    )
+
+    def load_for(length: float) -> Awaitable[Load]:
+        return measure(
+            url, [body], connections=connections, seconds=length, check=check,
+            generator=generator, warm_up=0,
+        )  # fmt: skip
+
+    await load_for(WARM_UP_SECONDS)
     before = cpu_seconds(pid)
-    load = await measure(
-        url,
-        [body],
-        connections=connections,
-        seconds=seconds,
-        check=check,
-        generator=generator,
-        warm_up=0,
-    )
+    load = await load_for(seconds)
     after = cpu_seconds(pid)
     good = load.answers - load.failed
     spent = None if before is None or after is None or not good else (after - before) / good
