@@ -290,6 +290,17 @@ class V2RequestHandler(web.RequestHandler):
         response.force_close()
         return response
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A body that fails to decompress, as aiohttp drains what is left of it once the
+        answer (`Incorrect request`) is out: the client's error, logged as such; aiohttp would
+        log it as an unhandled exception, with a traceback, at ERROR."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            with contextlib.suppress(Exception):
+                log.info("malformed_request", status=400, reason=type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
+
 
 class _V2Server(web.Server):
     """A `web.Server` whose connections are V2RequestHandlers."""
