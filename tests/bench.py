@@ -63,6 +63,7 @@ DEFAULT_CONNECTIONS: Final = 64
 READY_POLL_SECONDS: Final = 0.01
 READY_TIMEOUT_SECONDS: Final = 60.0
 STOP_TIMEOUT_SECONDS: Final = 15.0
+ADD_UNDER_LOAD: Final = "add, 64 connections"
 FLOOR_ORDERS: Final = 300  # orders written one after another for the store's floor
 CONFIG = """\
 listen: {{host: 127.0.0.1, port: {api}}}
@@ -205,13 +206,24 @@ class Measured:
 
     load: Load
     cpu_per_answer: float | None
+    # The server's and the simulator's together: what each answer costs the machine's cores.
+    pair_cpu_per_answer: float | None
 
 
 async def measured(
-    url: str, body: str, *, pid: int, connections: int, seconds: float, check: bytes, generator: str
+    url: str,
+    body: str,
+    *,
+    pid: int,
+    upstream_pid: int,
+    connections: int,
+    seconds: float,
+    check: bytes,
+    generator: str,
 ) -> Measured:
-    """`measure`, with the CPU the server `pid` spent over the measured seconds (the warm-up
-    is run first, apart, so that its answers are not counted against it)."""
+    """`measure`, with the CPU the server `pid` (and it with its upstream, `upstream_pid`)
+    spent over the measured seconds (the warm-up is run first, apart, so that its answers are
+    not counted against it)."""
 
     def load_for(length: float) -> Awaitable[Load]:
         return measure(
@@ -219,13 +231,17 @@ async def measured(
             generator=generator, warm_up=0,
         )  # fmt: skip
 
+    def per_answer(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None or not good else (after - before) / good
+
     await load_for(WARM_UP_SECONDS)
-    before = cpu_seconds(pid)
+    before, upstream_before = cpu_seconds(pid), cpu_seconds(upstream_pid)
     load = await load_for(seconds)
-    after = cpu_seconds(pid)
+    after, upstream_after = cpu_seconds(pid), cpu_seconds(upstream_pid)
     good = load.answers - load.failed
-    spent = None if before is None or after is None or not good else (after - before) / good
-    return Measured(load, spent)
+    server = per_answer(before, after)
+    upstream = per_answer(upstream_before, upstream_after)
+    return Measured(load, server, None if server is None or upstream is None else server + upstream)
 
 
 async def store_floor(database: Path, folder: Path) -> str:
@@ -300,7 +316,7 @@ def per_second(rate: float) -> str:
 
 def targets(loads: dict[str, tuple[Load, Load]]) -> list[Target]:
     """DESIGN.md "Performance", each as measured against the proxy's figure of the same run."""
-    proxy, router = loads["add, 64 connections"]
+    proxy, router = loads[ADD_UNDER_LOAD]
     share, times = router.rate / proxy.rate, router.p99 / proxy.p99
     rows = [
         Target(
@@ -393,6 +409,30 @@ def print_load(name: str, who: str, measured: Measured) -> None:
     )
 
 
+def cpu_ceiling(rounds: list[tuple[Measured, Measured]]) -> str:
+    """The CPU an `add` costs the machine (server and simulator; the load generator's own is
+    left out, so the bound is generous), proxy against router, and the most of the proxy's
+    rate that the router could reach if it kept every core busy, spread over any number of
+    processes: the cores divided by its CPU per add."""
+    cores = os.cpu_count() or 1
+    shares = [
+        (proxy.pair_cpu_per_answer, router.pair_cpu_per_answer,
+         cores / router.pair_cpu_per_answer / proxy.load.rate)
+        for proxy, router in rounds
+        if proxy.pair_cpu_per_answer and router.pair_cpu_per_answer and proxy.load.rate
+    ]  # fmt: skip
+    if not shares:
+        return "CPU per add: unknown here (no /proc)"
+    proxy_cpu, router_cpu, share = sorted(shares, key=lambda each: each[2])[len(shares) // 2]
+    every = " | ".join(f"{each[2]:.0%}" for each in shares)
+    return (
+        f"CPU per add ({ADD_UNDER_LOAD}), server and simulator together: pass-through "
+        f"{ms(proxy_cpu)}, router {ms(router_cpu)}. With all {cores} cores busy, in any number "
+        f"of processes, the router's add rate could reach at most {share:.0%} of the "
+        f"pass-through's (median round; every round: {every})"
+    )
+
+
 def commits_of(log: Path) -> str:
     """Writes per commit, from the `store_closed` line the router logs as it stops."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
@@ -473,7 +513,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
             f"after {WARM_UP_SECONDS:.0f} s of warm-up"
         )
         async with (
-            process(*sim, ready_url=sim_url),
+            process(*sim, ready_url=sim_url) as sim_process,
             process(
                 *cli,
                 "serve",
@@ -494,6 +534,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
         ):
             pids = {proxy: proxy_process.child.pid, api: router_process.child.pid}
             rounds: list[dict[str, tuple[Load, Load]]] = []
+            add_cpu: list[tuple[Measured, Measured]] = []  # each round's 64-connection add
 
             async def pair(
                 loads: dict[str, tuple[Load, Load]], name: str, action: str, conns: int
@@ -505,6 +546,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
                         url,
                         body,
                         pid=pids[url],
+                        upstream_pid=sim_process.child.pid,
                         connections=conns,
                         seconds=seconds,
                         check=good,
@@ -513,6 +555,8 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
                     for url, body in ((proxy, proxy_body), (api, router_body))
                 ]
                 loads[name] = (both[0].load, both[1].load)
+                if name == ADD_UNDER_LOAD:
+                    add_cpu.append((both[0], both[1]))
                 print_load(name, "pass-through", both[0])
                 print_load(name, "router", both[1])
 
@@ -527,7 +571,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
             for number in range(1, rounds_wanted + 1):
                 print(f"round {number} of {rounds_wanted}")
                 loads: dict[str, tuple[Load, Load]] = {}
-                await pair(loads, "add, 64 connections", "add", connections)
+                await pair(loads, ADD_UNDER_LOAD, "add", connections)
                 await pair(loads, "add, 1 connection", "add", 1)
                 if number == 1:
                     for url, body in zip((proxy, api), bodies["status"][:2], strict=True):
@@ -558,6 +602,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
     print(f"ledger: {ledger}")
     print(f"group commit: {commits}")
     print(f"the store's floor: {floor}")
+    print(cpu_ceiling(add_cpu))
     return 0 if exact else 1
 
 
