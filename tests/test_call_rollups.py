@@ -1,7 +1,9 @@
-"""Upstream call records rolled up per minute: exact, exactly once, pruned in batches, indexed.
+"""Upstream call records rolled up per minute and hour: exact, exactly once, pruned in batches,
+indexed.
 
-The rollups (migration 0012) must say what the raw rows said: per provider, minute, action and
-outcome, the number of calls, the sum of their latencies and their latency histogram. A crash
+The rollups (migrations 0012 and 0014) must say what the raw rows said: per provider, minute
+(and hour), action and outcome, the number of calls, the sum of their latencies and their
+latency histogram. A crash
 at any point of a roll-up neither loses nor double-counts a call, and every statement of the
 roll-up, the pruning and `call_latency` reads by index.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import math
 import signal
 import sqlite3
@@ -118,6 +121,30 @@ def stored_rollups(database: Path) -> dict[tuple[Any, ...], tuple[int, ...]]:
     return {tuple(row[:4]): tuple(row[4:]) for row in rows}
 
 
+def stored_hours(database: Path) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """The hour rollups of migration 0014, keyed as stored_rollups is (the hour's start)."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        rows = db.execute(
+            f"SELECT provider, hour, action, outcome, calls, latency_us, "
+            f"{', '.join(BUCKET_COLUMNS)} FROM upstream_call_hours"
+        ).fetchall()
+    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
+
+
+def hours_of(
+    minutes: dict[tuple[Any, ...], tuple[int, ...]],
+) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """Minute rollups (or expected_rollups) summed into their hours."""
+    found: dict[tuple[Any, ...], list[int]] = {}
+    for (provider, minute, action, outcome), values in minutes.items():
+        row = found.setdefault(
+            (provider, minute // 3600 * 3600, action, outcome), [0] * len(values)
+        )
+        for i, value in enumerate(values):
+            row[i] += value
+    return {key: tuple(row) for key, row in found.items()}
+
+
 def watermark(database: Path) -> int:
     with contextlib.closing(sqlite3.connect(database)) as db:
         [(value,)] = db.execute(
@@ -203,6 +230,81 @@ async def test_call_latency_counts_the_minutes_of_its_period(
     await store.close()
 
 
+async def test_the_hour_rollups_are_the_sum_of_their_minutes(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """Migration 0014's hours follow their minutes in every statement that changes them: rolled
+    up in batches that add to minutes already there, and pruned (an hour half pruned holds its
+    remaining minutes; one with none left is gone)."""
+    database = tmp_path / "router.db"
+    store = await open_store(database)
+    now = time.time()
+    calls = filled(now, 4000, minutes=5 * 60)
+    for start in range(0, len(calls), 400):
+        await store.record_calls(calls[start : start + 400])
+    await roll_up_all(store, limit=53)
+    minutes = stored_rollups(database)
+    assert minutes == expected_rollups(calls)
+    hours = stored_hours(database)
+    assert hours == hours_of(minutes)
+    assert len(hours) < len(minutes) / 10  # the point of them
+
+    # Prune to the middle of the third hour: minutes go, their hours shrink or go with them.
+    middle = (now - 3 * 3600) // 3600 * 3600 + 1800
+    while await store.prune_calls(middle, limit=97) == 97:
+        pass
+    pruned = stored_rollups(database)
+    assert pruned and all(minute >= middle for (_, minute, _, _) in pruned)
+    assert len(pruned) < len(minutes)
+    assert stored_hours(database) == hours_of(pruned)
+    while await store.prune_calls(now + 60):
+        pass
+    assert stored_rollups(database) == {} and stored_hours(database) == {}
+    await store.close()
+
+
+def _latency_of(
+    calls: Iterable[CallRecord], provider: str, since: float, until: float
+) -> CallLatency:
+    """call_latency's answer from the raw records: the calls whose minute overlaps [since,
+    until), through the same histogram."""
+    counts = [0] * len(BUCKET_COLUMNS)
+    for call in calls:
+        minute = int(call.started_at) // 60 * 60
+        if call.provider == provider and minute + 60 > since and minute < until:
+            counts[bucket(call.latency)] += 1
+    return CallLatency(
+        sum(counts), histogram_percentile(counts, 0.5), histogram_percentile(counts, 0.95)
+    )
+
+
+async def test_call_latency_over_hours_is_what_its_minutes_say(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    """A period with whole hours in it reads them from the hour rollups and the minutes around
+    them from the minute rollups: the same figures as the calls themselves, for periods that
+    start and end on, just off and between minute and hour boundaries, raw or rolled up."""
+    store = await open_store(tmp_path / "router.db")
+    base = 1_800_000_000 // 3600 * 3600
+    calls = filled(base + 4 * 3600, 3000, minutes=4 * 60)  # four whole hours from `base`
+    await store.record_calls(calls)
+    edges = [
+        base + hour * 3600 + offset
+        for hour in range(5)
+        for offset in (-61, -60, -1, 0, 1, 59, 60, 1799)
+    ]
+    periods = [(since, until) for since in edges for until in edges if since < until]
+    periods += [(0.0, math.inf), (base + 1, math.inf), (0.0, base + 7201), (base - 3600, base)]
+    for rolled in (False, True):
+        for since, until in periods:
+            for provider in ("alpha", "gamma"):
+                expected = _latency_of(calls, provider, since, until)
+                got = await store.call_latency(provider, since=since, until=until)
+                assert got == expected, (rolled, provider, since - base, until - base)
+        await roll_up_all(store)
+    await store.close()
+
+
 def test_a_percentile_from_a_histogram() -> None:
     """Nearest rank, interpolated in its bucket; beyond the last bound, the last bound."""
     empty = [0] * len(BUCKET_COLUMNS)
@@ -251,13 +353,19 @@ async def test_the_migration_rolls_up_the_calls_already_recorded(
     await store.record_calls(calls)
     await store.close()
     with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as db:
-        # Undo 0012 as if it had never run: what a database from the release before has.
+        # Undo 0012 (and 0014, which builds on it) as if they had never run: what a database
+        # from the release before has.
         db.execute("DROP TABLE upstream_call_minutes")
+        db.execute("DROP TABLE upstream_call_hours")
         db.execute("DELETE FROM counters WHERE name = 'upstream_calls_rolled_up'")
-        db.execute("DELETE FROM schema_migrations WHERE name = '0012_call_rollups.sql'")
+        db.execute(
+            "DELETE FROM schema_migrations "
+            "WHERE name IN ('0012_call_rollups.sql', '0014_call_hours.sql')"
+        )
 
     store = await open_store(database)
     assert stored_rollups(database) == expected_rollups(calls)
+    assert stored_hours(database) == hours_of(stored_rollups(database))
     assert watermark(database) == len(calls) and raw_rows(database) == len(calls)
     assert await store.count_calls() == len(calls)
     assert (await store.call_latency("alpha")).calls == sum(c.provider == "alpha" for c in calls)
@@ -414,9 +522,12 @@ async def test_the_background_task_rolls_up_and_prunes_in_batches(
     assert await store.count_calls() == len(aged) + len(fresh)
     assert stored_rollups(database) == expected_rollups([*aged, *fresh])
 
+    # The trace repeats a statement once more per step of each trigger it fires (0014's on the
+    # minute rollups): a statement is a run of equal lines.
+    run_by_run = [statement for statement, _ in itertools.groupby(statements)]
     kinds = Counter(
         " ".join(s.split()[:3])
-        for s in statements
+        for s in run_by_run
         if s.split()[:2] in (["INSERT", "INTO"], ["DELETE", "FROM"])
     )
     # 3,710 rows rolled up and 3,700 raw rows deleted in four statements each (1,000, 1,000,
@@ -458,6 +569,7 @@ async def test_roll_up_prune_and_latency_read_by_index(
         "DELETE FROM upstream_calls",
         "DELETE FROM upstream_call_minutes",
         "FROM upstream_call_minutes WHERE provider",
+        "FROM upstream_call_hours WHERE provider",
     ):
         assert kind in seen  # the trace saw it
     assert scans(database, statements) == {}

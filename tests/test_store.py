@@ -350,6 +350,7 @@ RELEASED_MIGRATIONS = {
         "57257bd65bd6a84532d3d14dc9a3559209a23a00c480b132f2da09d21f80d07e"
     ),
     "0012_call_rollups.sql": "3a43b561d06d270d107cfaf4e5dc1759f53d8c0960c323476b40b37ae0e9ebc4",
+    "0014_call_hours.sql": "2928c4fcaa13dd6ebe6bdf2e7ed3f49ceaf41ff35950db687d5a3613986a05a6",
 }
 
 

@@ -73,19 +73,41 @@ ON CONFLICT (provider, minute, action, outcome) DO UPDATE SET
     {", ".join(f"{c} = {c} + excluded.{c}" for c in BUCKET_COLUMNS)}
 """
 
-# A provider's calls whose minute overlaps [?2, ?3): calls and bucket counts, a row from the
-# rollups and one from the raw rows not rolled up yet. One statement: a roll-up committing
-# between two would count its rows twice or never. NOT INDEXED: the raw rows above the
-# watermark are the last seconds' (a range of ids); the provider's index would read all of its
-# raw retention.
+# A provider's calls whose minute overlaps [since, until): calls and bucket counts, one row
+# from the hour rollups of the hours wholly inside (?4, ?5: [first, end) of those hours), one
+# from the minute rollups of the minutes before and after them (?2 to ?4, ?5 to ?3: ?2 is the
+# first minute that overlaps, ?3 is `until`), and one from the raw rows not rolled up yet. One
+# statement: a roll-up committing between two would count its rows twice or never. The raw
+# rows: NOT INDEXED, since those above the watermark are the last seconds' (a range of ids);
+# the provider's index would read all of its raw retention.
+_SUMS: Final = ", ".join(f"coalesce(sum({c}), 0)" for c in ("calls", *BUCKET_COLUMNS))
 _LATENCY: Final = f"""
-SELECT coalesce(sum(calls), 0), {", ".join(f"coalesce(sum({c}), 0)" for c in BUCKET_COLUMNS)}
-FROM upstream_call_minutes WHERE provider = ?1 AND minute > ?2 - 60 AND minute < ?3
+SELECT {_SUMS} FROM upstream_call_hours WHERE provider = ?1 AND hour >= ?4 AND hour < ?5
+UNION ALL
+SELECT {_SUMS} FROM upstream_call_minutes WHERE provider = ?1 AND minute >= ?2 AND minute < ?4
+UNION ALL
+SELECT {_SUMS} FROM upstream_call_minutes WHERE provider = ?1 AND minute >= ?5 AND minute < ?3
 UNION ALL
 SELECT count(*), {", ".join(f"coalesce(sum({test}), 0)" for test in _bucket_tests("latency"))}
 FROM upstream_calls NOT INDEXED
-WHERE id > {_MARK} AND provider = ?1 AND {_MINUTE} > ?2 - 60 AND {_MINUTE} < ?3
+WHERE id > {_MARK} AND provider = ?1 AND {_MINUTE} >= ?2 AND {_MINUTE} < ?3
 """
+
+
+def latency_bounds(since: float, until: float) -> tuple[int, float, float, float]:
+    """`call_latency`'s bounds for [since, until): the first minute that overlaps it, `until`
+    itself, and the whole hours inside as [first, end) (empty when there are none): an hour is
+    whole when its last minute starts before `until`. Minutes and hours are multiples of 60 and
+    3600 seconds."""
+    first_minute = math.floor(since / 60) * 60
+    if until == math.inf:
+        return first_minute, until, math.ceil(first_minute / 3600) * 3600, until
+    # No whole hour (then the minutes before them are all the period's) before `until`.
+    first_hour = min(math.ceil(first_minute / 3600) * 3600, until)
+    # The first hour that is not whole: its last minute, hour + 3540, is not before `until`.
+    # It may lie up to a minute past `until`: no minute of the period starts there.
+    end = max(first_hour, math.ceil((until - 3540) / 3600) * 3600)
+    return first_minute, until, first_hour, end
 
 
 def histogram_percentile(counts: Sequence[int], share: float) -> float | None:
@@ -208,12 +230,17 @@ class CallStore(Database):
 
         To the minute: a call counts when its minute (UTC) overlaps [since, until), so up to a
         minute's calls beyond each end may count. The percentiles come from the histograms of
-        the minute rollups and of the raw rows not rolled up yet (a call shows at once), with
+        the hour rollups of the whole hours inside the period (migration 0014), of the minute
+        rollups of the minutes around them, and of the raw rows not rolled up yet (a call
+        shows at once), with
         histogram_percentile: in the bucket of the exact nearest-rank percentile, interpolated
         within it. (Before the rollups, migration 0012, they were exact, from a sort of every
-        call of the period; this reads one row per minute, action and outcome instead.)
+        call of the period; this reads one row per hour, action and outcome instead, and one
+        per minute for the first and the last hour.)
         """
-        rows = await self._reader.execute_fetchall(_LATENCY, (provider, since, until))
+        rows = await self._reader.execute_fetchall(
+            _LATENCY, (provider, *latency_bounds(since, until))
+        )
         calls, *counts = (sum(part) for part in zip(*rows, strict=True))
         return CallLatency(
             calls, histogram_percentile(counts, 0.5), histogram_percentile(counts, 0.95)
