@@ -15,7 +15,10 @@ round, beside every round's ratio; a missed target is printed, not a failure. La
 percentiles come from the generator's timing of each request.
 
 Then it writes 300 orders one at a time through the store alone, on a copy of the database:
-the floor under a one-connection `add` (two durable commits an order).
+the floor under a one-connection `add` (two durable commits an order). And it prints the CPU an
+`add` costs the machine (the server's and the simulator's) for proxy and router, with the most
+of the proxy's rate the router could reach with every core busy: a ceiling no spreading of the
+router over processes or threads could pass.
 
 Then it checks the ledger: the balance must equal the sum of the ledger and the starting
 balance less every placed order's charge, and every order must be placed. Exit 1 if not.
