@@ -69,7 +69,13 @@ from router.routing import (
     strategy_of,
 )
 from router.store import Store
-from router.upstream import AddResult, Outcome, UpstreamError, UpstreamRateLimited
+from router.upstream import (
+    AddResult,
+    Outcome,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTurnedAway,
+)
 
 log = structlog.get_logger("router.fleet")
 
@@ -216,6 +222,7 @@ class Fleet:
         found.after_add(
             result.outcome,
             rate_limited=result.rate_limited,
+            turned_away=result.turned_away,
             cost=cost,
             now=self.clock(),
             rules=self.config.health,
@@ -255,6 +262,7 @@ class Fleet:
         found.after_balance_error(
             error.outcome,
             rate_limited=isinstance(error, UpstreamRateLimited),
+            turned_away=isinstance(error, UpstreamTurnedAway),
             now=self.clock(),
             rules=self.config.health,
         )

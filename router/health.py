@@ -8,10 +8,10 @@ snapshot and never changes health; health never decides a route.
 Usage::
 
     health = ProviderHealth()
-    health.after_add(result.outcome, rate_limited=..., cost=cost, now=clock(),
+    health.after_add(result.outcome, rate_limited=..., turned_away=..., cost=cost, now=clock(),
                      rules=config.health, backoff=config.sync.no_funds_backoff)
     health.after_balance(balance, sent_at=sent, now=clock(), rules=config.health)
-    health.after_balance_error(exc.outcome, now=clock(), rules=config.health)
+    health.after_balance_error(exc.outcome, turned_away=..., now=clock(), rules=config.health)
     health.after_spend(cost, day=utc_day(time.time()))
     status = health.status(now=clock(), day=utc_day(time.time()))   # what routing reads
     health.bench = replay_bench(refusals, reads, backoff=...)        # after a restart
@@ -24,9 +24,12 @@ The breaker, judged on the provider's `add` calls::
     half_open --(a `balance` call answers)--> healthy, the window cleared
     half_open --(a `balance` call fails)--> open, for a new cooldown
 
-Only the provider's own failures count against it: `unreachable`, `ambiguous` and HTTP 429 (it
-refuses load, not the order). A refusal about the order (a bad link, a quantity, an active order
-on the link, `Not enough funds`) is a healthy answer. While open or half_open the provider gets
+Only the provider's own failures count against it: `unreachable`, `ambiguous`, HTTP 429 (it
+refuses load, not the order) and an HTTP 4xx page without the panel's `{"error": ...}` text (a
+firewall, a 404 at the API URL, a web server's limit: whatever turns the request away before the
+panel turns every order away while it lasts; the order is still `refused` and fails over). A
+refusal about the order (a bad link, a quantity, an active order on the link, `Not enough
+funds`), on HTTP 200 or a 4xx, is a healthy answer. While open or half_open the provider gets
 no orders: orders are never probes, since one sent to a provider that is still down costs a
 connect timeout or becomes a held order. An `add` that was sent before the breaker opened and
 ends after it says nothing new and is not counted. The window holds per-slice counts, 1/60 of
@@ -97,20 +100,26 @@ class Answer(StrEnum):
     UNREACHABLE = "unreachable"
     AMBIGUOUS = "ambiguous"
     RATE_LIMITED = "rate_limited"  # HTTP 429: a refusal of load, not of the order
+    TURNED_AWAY = "turned_away"  # a 4xx page, no `{"error": ...}`: refused before the panel
 
     @property
     def failed(self) -> bool:
         return self is not Answer.ANSWERED
 
     @classmethod
-    def of(cls, outcome: Outcome, *, rate_limited: bool = False) -> Answer:
-        """The answer an upstream outcome is; `rate_limited`: the refusal was an HTTP 429."""
+    def of(
+        cls, outcome: Outcome, *, rate_limited: bool = False, turned_away: bool = False
+    ) -> Answer:
+        """The answer an upstream outcome is; `rate_limited`: the refusal was an HTTP 429;
+        `turned_away`: it was a 4xx page without the panel's error text (UpstreamTurnedAway)."""
         if outcome is Outcome.UNREACHABLE:
             return cls.UNREACHABLE
         if outcome is Outcome.AMBIGUOUS:
             return cls.AMBIGUOUS
         if rate_limited and outcome is Outcome.REFUSED:
             return cls.RATE_LIMITED
+        if turned_away and outcome is Outcome.REFUSED:
+            return cls.TURNED_AWAY
         return cls.ANSWERED
 
 
@@ -382,6 +391,7 @@ class ProviderHealth:
         outcome: Outcome,
         *,
         rate_limited: bool = False,
+        turned_away: bool = False,
         cost: int | None,
         now: float,
         rules: Health,
@@ -389,9 +399,11 @@ class ProviderHealth:
     ) -> State:
         """An `add` of an order costing `cost` (None: unknown) ended at `now` with `outcome`.
 
-        `rate_limited`: the refusal was an HTTP 429. Returns the state after it.
+        `rate_limited`: the refusal was an HTTP 429; `turned_away`: a 4xx page (see Answer.of).
+        Returns the state after it.
         """
-        self.breaker.record(Answer.of(outcome, rate_limited=rate_limited), now=now, rules=rules)
+        answer = Answer.of(outcome, rate_limited=rate_limited, turned_away=turned_away)
+        self.breaker.record(answer, now=now, rules=rules)
         if outcome is Outcome.NO_FUNDS:
             self.bench = self.bench.after_no_funds(cost, now=now, backoff=backoff)
         return self.state(now)
@@ -403,13 +415,21 @@ class ProviderHealth:
         return self.state(now)
 
     def after_balance_error(
-        self, outcome: Outcome, *, rate_limited: bool = False, now: float, rules: Health
+        self,
+        outcome: Outcome,
+        *,
+        rate_limited: bool = False,
+        turned_away: bool = False,
+        now: float,
+        rules: Health,
     ) -> State:
         """A `balance` call ended at `now` without a balance, with `outcome`.
 
-        An error answer (a refused key) is still an answer: the provider is up.
+        An error answer (a refused key) is still an answer: the provider is up. A 4xx page
+        (`turned_away`) is not: what stands in front of the panel is refusing us.
         """
-        self.breaker.probe(Answer.of(outcome, rate_limited=rate_limited), now=now, rules=rules)
+        answer = Answer.of(outcome, rate_limited=rate_limited, turned_away=turned_away)
+        self.breaker.probe(answer, now=now, rules=rules)
         return self.state(now)
 
     def after_spend(self, cost: int, *, day: date) -> None:

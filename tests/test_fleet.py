@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections import Counter
 from decimal import Decimal
 from types import MappingProxyType
@@ -19,6 +20,8 @@ import pytest
 from router import v2
 from router.app import DESK, FLEET, ORDER_SYNC, PROVIDER_WATCHER, SESSION
 from router.config import Health, Service, Strategy, Sync
+from router.fleet import Fleet
+from router.health import State
 from router.sim import Fault, SimProvider, default_catalogue
 from router.sync.providers import ProviderWatcher
 from router.upstream import UpstreamClient
@@ -190,6 +193,55 @@ async def test_refusals_about_the_order_never_open_the_breaker(
     assert len(first.received_actions("add")) == 8  # asked every time
     assert state_is(router, "first", "healthy")
     assert await router.store.last_breaker_events(["first"]) == {}
+
+
+async def test_a_provider_whose_firewall_turns_every_order_away_is_opened_like_a_429(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A 403 page (no `{"error": ...}` from the panel) is a refusal, so the order fails over,
+    but not a refusal about the order: min_calls of them open the breaker, and a probe turned
+    away by the same page keeps it open."""
+    first = await start_sim()
+    second = await start_sim()
+    first.set_fault(101, Fault.WAF_403)
+    first.set_answer_fault("balance", Fault.WAF_403)
+    router = await start_router(
+        {"first": first.url, "second": second.url},
+        [service(1, [("first", 101), ("second", 101)])],
+        health=HEALTH,
+    )
+    key = await router.reseller("acme", "100")
+
+    for _ in range(HEALTH.min_calls + 3):
+        assert await placed_at(router, await add(router, key)) == "second"
+    assert len(first.received_actions("add")) == HEALTH.min_calls  # then skipped: open
+    assert first.orders == {}
+    assert await router.store.add_outcomes("first") == {"refused": HEALTH.min_calls}
+    assert state_is(router, "first", "open")
+    assert skipped(router, "first", "open") == 3
+    failovers = router.metric(
+        "smm_router_failovers_total", service="1", provider="first", reason="refused"
+    )
+    assert failovers == HEALTH.min_calls
+    assert router.metric("smm_router_orders_held") == 0
+    assert (await router.store.last_breaker_events(["first"]))["first"].state == "open"
+    restored = Fleet(router.config, router.store, clock=time.time, wall=time.time)
+    await restored.restore()  # what `smm-router providers` and `routes` see
+    assert restored.state("first") is State.OPEN
+
+    await wait_for(lambda: state_is(router, "first", "half_open"), "the cooldown")
+    await watcher(router).balances_once()  # the probe gets the firewall's page too
+    assert state_is(router, "first", "open")
+    assert len(first.received_actions("balance")) == 1
+
+    first.set_fault(101, None)  # the firewall lets us through again
+    first.set_answer_fault("balance", None)
+    await wait_for(lambda: state_is(router, "first", "half_open"), "a new cooldown")
+    await watcher(router).balances_once()
+    assert state_is(router, "first", "healthy")
+    assert await placed_at(router, await add(router, key)) == "first"
+    assert router.metric("smm_router_orders_held") == 0
+    assert await balance(router) == "93.00"  # seven orders at 1.00, each charged once
 
 
 # --- the funds bench, by amount ------------------------------------------------------------------

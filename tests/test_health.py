@@ -65,6 +65,23 @@ def test_only_the_providers_own_failures_count(
     assert answer.failed is (answer is not Answer.ANSWERED)
 
 
+@pytest.mark.parametrize(
+    ("outcome", "answer"),
+    [
+        (Outcome.REFUSED, Answer.TURNED_AWAY),  # a firewall's page, a 404 at the API URL
+        (Outcome.ACCEPTED, Answer.ANSWERED),  # the flag means nothing on other outcomes
+        (Outcome.NO_FUNDS, Answer.ANSWERED),
+        (Outcome.UNREACHABLE, Answer.UNREACHABLE),
+        (Outcome.AMBIGUOUS, Answer.AMBIGUOUS),
+    ],
+)
+def test_a_refusal_by_a_4xx_page_counts_against_the_provider(
+    outcome: Outcome, answer: Answer
+) -> None:
+    assert Answer.of(outcome, turned_away=True) is answer
+    assert Answer.TURNED_AWAY.failed
+
+
 def test_the_metric_states_are_the_designs() -> None:
     assert [str(state) for state in STATES] == ["healthy", "open", "half_open", "benched"]
 
@@ -125,6 +142,32 @@ def test_rate_limited_answers_open_it() -> None:
     assert health.state(5.0) is State.OPEN
 
 
+def test_refusals_by_a_4xx_page_open_it_and_refusals_about_the_order_do_not() -> None:
+    health = ProviderHealth()
+    for second in range(2):  # "Incorrect link", on HTTP 200 or a 4xx: healthy answers
+        health.after_add(Outcome.REFUSED, cost=1, now=second, rules=RULES, backoff=BACKOFF)
+    for second in range(2, 4):
+        state = health.after_add(
+            Outcome.REFUSED, turned_away=True, cost=1, now=second, rules=RULES, backoff=BACKOFF
+        )
+        assert state is State.HEALTHY  # 4 calls: no verdict yet
+    assert health.breaker.window(3.0, RULES) == (4, 2)
+    state = health.after_add(
+        Outcome.REFUSED, turned_away=True, cost=1, now=4, rules=RULES, backoff=BACKOFF
+    )
+    assert state is State.OPEN  # 3 of 5 turned away
+    assert health.bench.threshold is None  # nothing about funds
+
+
+def test_a_probe_turned_away_by_a_4xx_page_keeps_it_open() -> None:
+    health = ProviderHealth()
+    health.breaker = opened()
+    state = health.after_balance_error(Outcome.REFUSED, turned_away=True, now=31.0, rules=RULES)
+    assert state is State.OPEN and health.breaker.probe_at == 61.0
+    state = health.after_balance_error(Outcome.REFUSED, now=61.0, rules=RULES)  # a refused key
+    assert state is State.HEALTHY
+
+
 def test_ambiguous_answers_open_it() -> None:
     health = ProviderHealth()
     for second in range(5):
@@ -152,7 +195,9 @@ def test_a_probe_that_answers_closes_it_with_an_empty_window() -> None:
     assert breaker.state(32.0) is State.HEALTHY
 
 
-@pytest.mark.parametrize("answer", [Answer.UNREACHABLE, Answer.AMBIGUOUS, Answer.RATE_LIMITED])
+@pytest.mark.parametrize(
+    "answer", [Answer.UNREACHABLE, Answer.AMBIGUOUS, Answer.RATE_LIMITED, Answer.TURNED_AWAY]
+)
 def test_a_probe_that_fails_reopens_it_for_a_new_cooldown(answer: Answer) -> None:
     breaker = opened()
     breaker.probe(answer, now=45.0, rules=RULES)

@@ -35,11 +35,13 @@ from router.upstream import (
     UpstreamRefused,
     UpstreamService,
     UpstreamStatus,
+    UpstreamTurnedAway,
     UpstreamUnreachable,
     classify_add,
     classify_exception,
     parse_answer,
     parse_status_item,
+    read_add,
     read_statuses,
 )
 from router.upstream.client import QUOTED_KEPT_CHARS, form_body
@@ -53,6 +55,7 @@ KEY = "sk-LEAK-CANARY-7f3a9c1e"  # must never show in an error
 DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested far deeper than the parser's recursion limit
 JSON = "application/json"
 ORDER = {"service": "101", "link": "https://instagram.com/someone", "quantity": "1000"}
+WAF_PAGE = "<html><head><title>403 Forbidden</title></head><body>Access denied</body></html>"
 
 
 def provider(url: str, *, timeout: float = 5.0) -> Provider:
@@ -352,6 +355,85 @@ def test_a_4xx_page_that_is_not_utf8_is_still_a_refusal() -> None:
     page = "<html><h1>403 Accès refusé</h1></html>".encode("latin-1")
     outcome, _, error = classify_add(403, "text/html", page)
     assert outcome is Outcome.REFUSED and error is not None and error.startswith("HTTP 403")
+
+
+# The vectors whose refusal is not about the order, and so counts against the provider.
+TURNED_AWAY_VECTORS = {"WAF 403 page", "404 page at a wrong URL"}
+RATE_LIMITED_VECTORS = {"rate limited"}
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=[case["name"] for case in ADD_CASES])
+def test_read_add_vectors_say_which_refusals_are_not_about_the_order(
+    case: dict[str, Any],
+) -> None:
+    answer = read_add(case["status"], case["content_type"], body_of(case))
+    assert (answer.outcome, answer.upstream_order, answer.error) == classify_add(
+        case["status"], case["content_type"], body_of(case)
+    )
+    assert answer.turned_away is (case["name"] in TURNED_AWAY_VECTORS)
+    assert answer.rate_limited is (case["name"] in RATE_LIMITED_VECTORS)
+
+
+@pytest.mark.parametrize(
+    ("status", "ctype", "body", "outcome", "turned_away"),
+    [
+        (403, "text/html", WAF_PAGE, Outcome.REFUSED, True),  # a firewall in front of the panel
+        (404, "text/html", "<html>Not found</html>", Outcome.REFUSED, True),
+        (413, "text/html", "", Outcome.REFUSED, True),
+        (400, JSON, '{"message": "Bad Request"}', Outcome.REFUSED, True),  # a gateway's JSON
+        (403, JSON, '{"error": ""}', Outcome.REFUSED, True),  # an empty error says nothing
+        (403, JSON, '{"error": "Forbidden"}', Outcome.REFUSED, False),  # the panel's own words
+        (404, JSON, '{"error": "Not found"}', Outcome.REFUSED, False),
+        (400, JSON, '{"error": "Incorrect link"}', Outcome.REFUSED, False),
+        (403, "text/html", '<b>Notice</b><br>{"error": "Bad link"}', Outcome.REFUSED, False),
+        (402, JSON, '{"error": "Not enough funds on balance"}', Outcome.NO_FUNDS, False),
+        (200, JSON, '{"error": "Incorrect link"}', Outcome.REFUSED, False),
+        (429, "text/html", "Too Many Requests", Outcome.REFUSED, False),  # rate_limited instead
+        (403, JSON, '{"order": 5}', Outcome.AMBIGUOUS, False),
+        (408, "text/html", WAF_PAGE, Outcome.AMBIGUOUS, False),
+        (502, "text/html", WAF_PAGE, Outcome.AMBIGUOUS, False),
+        (200, "text/html", WAF_PAGE, Outcome.AMBIGUOUS, False),
+    ],
+)
+def test_a_4xx_page_is_turned_away_and_a_4xx_error_text_is_about_the_order(
+    status: int, ctype: str, body: str, outcome: Outcome, turned_away: bool
+) -> None:
+    answer = read_add(status, ctype, body.encode())
+    assert (answer.outcome, answer.turned_away) == (outcome, turned_away)
+    if outcome is Outcome.REFUSED:
+        raises = UpstreamTurnedAway if turned_away else UpstreamRefused
+        with pytest.raises(raises) as caught:
+            parse_answer(status, ctype, body.encode())
+        assert isinstance(caught.value, UpstreamTurnedAway) is turned_away
+
+
+async def test_add_over_http_says_it_was_turned_away(
+    client: tuple[FakeUpstream, UpstreamClient],
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("add", f"{WAF_PAGE} {KEY}".encode(), 403, "text/html")
+    result = await upstream_client.add(ORDER)
+    assert (result.outcome, result.turned_away, result.rate_limited) == (
+        Outcome.REFUSED,
+        True,
+        False,
+    )
+    assert result.error is not None and result.error.startswith("HTTP 403 (text/html)")
+    assert_no_key(result.error)
+    upstream.answer("add", {"error": "Forbidden"}, 403)
+    result = await upstream_client.add(ORDER)
+    assert (result.outcome, result.turned_away, result.error) == (
+        Outcome.REFUSED,
+        False,
+        "Forbidden",
+    )
+    upstream.answer("add", b"Too Many Requests", 429, "text/html")
+    result = await upstream_client.add(ORDER)
+    assert (result.outcome, result.turned_away, result.rate_limited) == (
+        Outcome.REFUSED,
+        False,
+        True,
+    )
 
 
 def test_parse_answer_raises_only_upstream_errors() -> None:
@@ -821,8 +903,21 @@ async def test_balance(client: tuple[FakeUpstream, UpstreamClient]) -> None:
         with pytest.raises(OutcomeUnknown):
             await upstream_client.balance()
     upstream.answer("balance", {"error": "Invalid API key"}, status=401)
-    with pytest.raises(UpstreamRefused):
+    with pytest.raises(UpstreamRefused) as refused:
         await upstream_client.balance()
+    assert not isinstance(refused.value, UpstreamTurnedAway)  # the panel's answer: it is up
+
+
+async def test_a_balance_turned_away_by_a_4xx_page_raises_upstream_turned_away(
+    client: tuple[FakeUpstream, UpstreamClient],
+) -> None:
+    upstream, upstream_client = client
+    upstream.answer("balance", f"{WAF_PAGE} {KEY}".encode(), 403, "text/html")
+    with pytest.raises(UpstreamTurnedAway) as caught:
+        await upstream_client.balance()
+    assert caught.value.outcome is Outcome.REFUSED
+    assert caught.value.message.startswith("HTTP 403 (text/html)")
+    assert_no_key(caught.value, caught.value.message)
 
 
 SERVICE = {

@@ -14,7 +14,8 @@ and given to the fleet (router.fleet): a read that shows money came in lifts the
 Each provider has its own loop, which also PROBES: when the provider's breaker is open, a
 `balance` call goes out as soon as its cooldown has passed (the loop wakes at `probe_at`, not
 at the next interval), and its answer closes the breaker (any answer: the provider is up) or
-reopens it (unreachable, ambiguous, HTTP 429). Orders are never probes.
+reopens it (unreachable, ambiguous, HTTP 429, a 4xx page without the panel's error text: see
+router.upstream). Orders are never probes.
 
 Catalogues: every `sync.catalogue_interval` each provider's `services` are fetched; what they say
 of each routed upstream service is stored, its rate goes to the fleet (the `cheapest` strategy

@@ -6,14 +6,18 @@ with it):
     UpstreamError                 outcome      the failover loop
      ├── UpstreamRefused          refused      tries the next route: nothing was created upstream
      │    ├── UpstreamNoFunds     no_funds     tries the next route and benches this provider
-     │    └── UpstreamRateLimited refused      tries the next route; counts against its breaker
+     │    ├── UpstreamRateLimited refused      tries the next route; counts against its breaker
+     │    └── UpstreamTurnedAway  refused      tries the next route; counts against its breaker
      ├── UpstreamUnreachable      unreachable  tries the next route: nothing was sent
      └── OutcomeUnknown           ambiguous    STOPS: the order may exist upstream (held for ops)
 
 `refused`: an `{"error": ...}` answer (on HTTP 200 or 4xx), HTTP 429, or any other 4xx but 408
 with no order in the body (a firewall's 403 page, a 404, a 413: turned away before the panel).
-HTTP 429 is a refusal of load, not of the order: UpstreamRateLimited (`AddResult.rate_limited`),
-which the provider's breaker counts as a failure of its own (router.health).
+Two kinds are not about the order, and the provider's breaker counts them as failures of its
+own (router.health): HTTP 429, a refusal of load (UpstreamRateLimited, `AddResult.rate_limited`),
+and a 4xx without the panel's `{"error": ...}` text, a page from whatever stands in front of it
+(UpstreamTurnedAway, `AddResult.turned_away`): while it lasts, every order is refused there.
+A 4xx that carries an `{"error": ...}` text is the panel's refusal of the order, as on HTTP 200.
 `unreachable`: DNS failure, connection refused, connect timeout (pool wait, DNS, TCP and TLS),
 TLS failure. `ambiguous`: timeout after the request went out, connection reset or closed, HTTP
 408 or 5xx, a 4xx with an order in the body, HTML, empty, truncated or otherwise unparseable
@@ -32,6 +36,7 @@ from router.upstream.answers import (
     MAX_ERROR_TEXT,
     MAX_MONEY,
     MAX_UPSTREAM_INT,
+    AddAnswer,
     AddResult,
     CallRecord,
     Catalogue,
@@ -44,6 +49,7 @@ from router.upstream.answers import (
     UpstreamRefused,
     UpstreamService,
     UpstreamStatus,
+    UpstreamTurnedAway,
     UpstreamUnreachable,
     classify_add,
     classify_exception,
@@ -57,6 +63,7 @@ from router.upstream.answers import (
     parse_services,
     parse_status_item,
     provider_trouble,
+    read_add,
     read_statuses,
     unusable_statuses,
 )
@@ -72,6 +79,7 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "MAX_MONEY",
     "MAX_UPSTREAM_INT",
+    "AddAnswer",
     "AddResult",
     "CallRecord",
     "Catalogue",
@@ -85,6 +93,7 @@ __all__ = [
     "UpstreamRefused",
     "UpstreamService",
     "UpstreamStatus",
+    "UpstreamTurnedAway",
     "UpstreamUnreachable",
     "classify_add",
     "classify_exception",
@@ -98,6 +107,7 @@ __all__ = [
     "parse_services",
     "parse_status_item",
     "provider_trouble",
+    "read_add",
     "read_statuses",
     "unusable_statuses",
 ]

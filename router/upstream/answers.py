@@ -51,6 +51,13 @@ class UpstreamRateLimited(UpstreamRefused):
     """HTTP 429: the provider refuses load, not this order (nothing was created)."""
 
 
+class UpstreamTurnedAway(UpstreamRefused):
+    """An HTTP 4xx (but 408 and 429) with neither an order nor an `{"error": ...}` text in it: a
+    firewall's page, a 404 at the API URL, a web server's 413. Turned away before the panel
+    (nothing was created), and by the provider's side or our access to it, not for this order.
+    """
+
+
 class UpstreamUnreachable(UpstreamError):
     outcome = Outcome.UNREACHABLE
 
@@ -75,6 +82,7 @@ class AddResult:
     error: str | None  # what went wrong, for the attempt row and ops; None when accepted
     latency: float
     rate_limited: bool = False  # refused with HTTP 429 (UpstreamRateLimited): load, not the order
+    turned_away: bool = False  # refused with a 4xx page (UpstreamTurnedAway): not about the order
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +189,9 @@ def _strict_text(status: int, body: str | bytes) -> str:
 
 def _turned_away(status: int, content_type: str, body: str | bytes) -> UpstreamError:
     """What a 4xx (but 408 and 429) amounts to: turned away before the panel took the request,
-    unless the body holds an order (then the order may exist) or cannot be read at all.
+    unless the body holds an order (then the order may exist) or cannot be read at all. With
+    the panel's `{"error": ...}` in it, a refusal of the order like one on HTTP 200; without,
+    UpstreamTurnedAway.
 
     The body is decoded leniently here: U+FFFD cannot forge an order, and a body that shows one
     keeps the outcome ambiguous anyway.
@@ -191,13 +201,13 @@ def _turned_away(status: int, content_type: str, body: str | bytes) -> UpstreamE
         data = v2.extract_json(text)
     except ValueError:  # a firewall's or a web server's page: no order in it
         what = content_type or "no content type"
-        return UpstreamRefused(f"HTTP {status} ({what}): {_error_text(text[:_SNIPPET])}")
+        return UpstreamTurnedAway(f"HTTP {status} ({what}): {_error_text(text[:_SNIPPET])}")
     if isinstance(data, dict) and data.get("order"):
         return OutcomeUnknown(f"HTTP {status} with an order in the answer: {_error_text(data)}")
     error = _item_error(data)
     if error is not None:
         return _refusal(error)
-    return UpstreamRefused(f"HTTP {status} without an order: {_error_text(text[:_SNIPPET])}")
+    return UpstreamTurnedAway(f"HTTP {status} without an order: {_error_text(text[:_SNIPPET])}")
 
 
 def parse_answer(status: int, content_type: str, body: str | bytes) -> Any:
@@ -264,21 +274,45 @@ def _flag(value: object) -> bool | None:
     )
 
 
-def classify_add(
-    status: int, content_type: str, body: str | bytes
-) -> tuple[Outcome, int | None, str | None]:
-    """(outcome, upstream order ID, error text) for one answer to `add`. Never raises: what
-    cannot be read is ambiguous (the order may exist)."""
+@dataclass(frozen=True, slots=True)
+class AddAnswer:
+    """One answer to `add` as read: what an AddResult says of it, but the latency."""
+
+    outcome: Outcome
+    upstream_order: int | None  # set when outcome is ACCEPTED
+    error: str | None  # None when accepted
+    rate_limited: bool = False  # UpstreamRateLimited
+    turned_away: bool = False  # UpstreamTurnedAway
+
+
+def read_add(status: int, content_type: str, body: str | bytes) -> AddAnswer:
+    """One answer to `add`, read. Never raises: what cannot be read is ambiguous (the order may
+    exist)."""
     try:
         data = parse_answer(status, content_type, body)
         order = _int(data.get("order"), minimum=1) if isinstance(data, dict) else None
     except UpstreamError as exc:
-        return exc.outcome, None, exc.message
+        return AddAnswer(
+            exc.outcome,
+            None,
+            exc.message,
+            rate_limited=isinstance(exc, UpstreamRateLimited),
+            turned_away=isinstance(exc, UpstreamTurnedAway),
+        )
     except Exception as exc:
-        return Outcome.AMBIGUOUS, None, f"unreadable answer ({_exception_text(exc)})"
+        return AddAnswer(Outcome.AMBIGUOUS, None, f"unreadable answer ({_exception_text(exc)})")
     if order is None:
-        return Outcome.AMBIGUOUS, None, f"no order ID in the answer: {_error_text(_snippet(body))}"
-    return Outcome.ACCEPTED, order, None
+        error = f"no order ID in the answer: {_error_text(_snippet(body))}"
+        return AddAnswer(Outcome.AMBIGUOUS, None, error)
+    return AddAnswer(Outcome.ACCEPTED, order, None)
+
+
+def classify_add(
+    status: int, content_type: str, body: str | bytes
+) -> tuple[Outcome, int | None, str | None]:
+    """(outcome, upstream order ID, error text) for one answer to `add` (see read_add)."""
+    answer = read_add(status, content_type, body)
+    return answer.outcome, answer.upstream_order, answer.error
 
 
 def parse_status_item(raw: object, quantity: int | None) -> UpstreamStatus | None:

@@ -28,7 +28,6 @@ from router.upstream.answers import (
     UpstreamUnreachable,
     _exception_text,
     _shorten,
-    classify_add,
     classify_exception,
     parse_answer,
     parse_balance,
@@ -39,6 +38,7 @@ from router.upstream.answers import (
     parse_refills,
     parse_services,
     provider_trouble,
+    read_add,
     read_statuses,
     unusable_statuses,
 )
@@ -128,12 +128,13 @@ class UpstreamClient:
             raise ValueError("key and action are set by the client")
         started, start = time.time(), time.perf_counter()
         outcome = Outcome.AMBIGUOUS  # if cancelled mid-call, the order may exist upstream
-        rate_limited = False
+        rate_limited = turned_away = False
         try:
             try:
                 status, content_type, body = await self._exchange("add", params)
-                outcome, order, error = classify_add(status, content_type, body)
-                rate_limited = status == 429  # always UpstreamRateLimited (parse_answer)
+                answer = read_add(status, content_type, body)
+                outcome, order, error = answer.outcome, answer.upstream_order, answer.error
+                rate_limited, turned_away = answer.rate_limited, answer.turned_away
             except UpstreamError as exc:
                 outcome, order, error = exc.outcome, None, exc.message
             except Exception as exc:  # unforeseen, perhaps after sending: the order may exist
@@ -141,7 +142,14 @@ class UpstreamClient:
                 error = f"unexpected failure ({_exception_text(exc)})"
             latency = time.perf_counter() - start
             redacted = self._redact(error) if error else None
-            return AddResult(outcome, order, redacted, latency, rate_limited=rate_limited)
+            return AddResult(
+                outcome,
+                order,
+                redacted,
+                latency,
+                rate_limited=rate_limited,
+                turned_away=turned_away,
+            )
         finally:
             self._record("add", started, time.perf_counter() - start, outcome)
 
