@@ -254,7 +254,14 @@ async def test_cancel(http: aiohttp.ClientSession) -> None:
     no_cancel = SimService(
         101, "Likes", "Default", "IG", Decimal("1"), 10, 1000, False, False, False
     )
-    sim = SimProvider(key=KEY, services=[*default_catalogue()[1:], no_cancel], progress_seconds=10)
+    # A frozen clock: only advance() moves it, so "mid-way" is exactly 5.5 s in, however slow
+    # the machine (on the real clock a loaded machine added its own seconds: a flaky test).
+    sim = SimProvider(
+        key=KEY,
+        services=[*default_catalogue()[1:], no_cancel],
+        progress_seconds=10,
+        clock=lambda: 0.0,
+    )
     await sim.start()
     try:
         order = (await add(http, sim, service=105, usernames="a\nb", quantity=100))["order"]

@@ -60,8 +60,10 @@ class SimProvider:
         slow_seconds: float = 30.0,
         seed: int = 0,
         first_order_id: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.key = key
+        self._clock = clock  # a test's frozen clock: then only advance() moves time
         self.services = {
             s.service: s for s in (default_catalogue() if services is None else services)
         }
@@ -114,8 +116,8 @@ class SimProvider:
     # --- steering and inspection -----------------------------------------------------------------
 
     def now(self) -> float:
-        """The simulator's clock: time.monotonic() shifted by every advance()."""
-        return time.monotonic() + self._offset
+        """The simulator's clock: its `clock` (time.monotonic()) shifted by every advance()."""
+        return self._clock() + self._offset
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward: orders and refills progress without sleeping."""
