@@ -13,7 +13,7 @@ import structlog
 
 from router import v2
 from router.app import DESK, ORDER_SYNC
-from router.sim import REFILL_UNAVAILABLE, SimProvider
+from router.sim import REFILL_UNAVAILABLE, Fault, SimProvider
 from router.store import NewOrder, Reseller
 from tests.conftest import Router, RouterFactory, SimFactory, service, wait_for
 
@@ -216,3 +216,26 @@ async def test_per_order_refusals_pass_through_and_failures_are_unavailable(
     answer = await router.call(key=key, action="refill", orders=",".join(map(str, more)))
     assert answer == [{"order": i, "refill": {"error": v2.UNAVAILABLE}} for i in more]
     assert await router.store.open_refills_of(more) == {}
+
+
+async def test_a_refill_turned_away_by_a_firewall_page_is_unavailable_not_its_text(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """A `refill` answered by a firewall's 403 page never passes the page's text (or our HTTP
+    diagnosis of it) to the reseller: `Service temporarily unavailable`, nothing stored; once
+    the firewall lets it through, the refill is made."""
+    sims, router, _ = await start(start_sim, start_router)
+    alpha = sims["alpha"]
+    done = await placed(router, alpha, "alpha", 2)
+    alpha.advance(PROGRESS)
+    key = router.keys["acme"]
+    alpha.set_answer_fault("refill", Fault.WAF_403)
+    answer = await router.call(key=key, action="refill", orders=",".join(map(str, done)))
+    assert answer == [{"order": i, "refill": {"error": v2.UNAVAILABLE}} for i in done]
+    assert await router.call(key=key, action="refill", order=done[0]) == {"error": v2.UNAVAILABLE}
+    assert len(sent_ids(alpha, "refill")) == 2  # it was asked, and turned us away
+    assert await router.store.open_refills_of(done) == {}
+
+    alpha.set_answer_fault("refill", None)
+    answer = await router.call(key=key, action="refill", orders=",".join(map(str, done)))
+    assert [type(item["refill"]) for item in answer] == [int, int]

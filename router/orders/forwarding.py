@@ -12,9 +12,25 @@ import structlog
 from router import v2
 from router.orders.desk import DeskBase
 from router.store import Order, Reseller
-from router.upstream import UpstreamClient, UpstreamError, UpstreamRefused
+from router.upstream import (
+    UpstreamClient,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamTurnedAway,
+)
 
 log = structlog.get_logger("router.orders")
+
+
+def _panels_refusal(error: UpstreamError) -> bool:
+    """The panel's own refusal, whose reason its reseller may read (`refill` passes it on); not
+    an HTTP 429 or a firewall's 4xx page: those say nothing of the order, and their text is
+    ours (an HTTP status, a page's first bytes), for the log."""
+    return isinstance(error, UpstreamRefused) and not isinstance(
+        error, (UpstreamRateLimited, UpstreamTurnedAway)
+    )
+
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -30,7 +46,8 @@ class Forwarding(DeskBase):
 
         An order whose refill is still open (Pending, In progress) answers that refill and
         nothing is sent; the others go upstream in multi-order calls (see `_forward`). The
-        upstream's reason for refusing one passes through as it wrote it.
+        panel's reason for refusing one passes through as it wrote it; an HTTP 429 or a 4xx
+        page in front of the panel is `Service temporarily unavailable`.
         """
         clients = self.clients  # those this request checks and calls, whatever a reload does
         errors, todo = await self._forwardable(
@@ -71,14 +88,14 @@ class Forwarding(DeskBase):
         try:
             answers = await client.refill_many(upstream_ids)
         except UpstreamError as exc:
-            if not isinstance(exc, UpstreamRefused):
+            if not _panels_refusal(exc):
                 log.warning(
                     "refill_failed", provider=provider, orders=len(batch), error=exc.message
                 )
             answers = dict.fromkeys(upstream_ids, exc)
         else:
             for upstream_id, item in answers.items():
-                if isinstance(item, UpstreamError) and not isinstance(item, UpstreamRefused):
+                if isinstance(item, UpstreamError) and not _panels_refusal(item):
                     log.warning(
                         "refill_item_unreadable",
                         provider=provider,
@@ -89,9 +106,11 @@ class Forwarding(DeskBase):
         results: dict[int, int | str] = dict(await self.store.create_refills(made))
         for order in batch:
             answer = answers.get(order.upstream_order or 0)
-            if isinstance(answer, UpstreamRefused):
+            if isinstance(answer, UpstreamError) and _panels_refusal(answer):
                 results[order.id] = answer.message
-            elif order.id not in results:  # unreadable: a refill may exist, but we cannot tell
+            elif order.id not in results:
+                # Unreadable (a refill may exist, but we cannot tell), or turned away before
+                # the panel saw it: not now, and nothing of the provider's page for the reseller.
                 results[order.id] = v2.UNAVAILABLE
         return results
 
