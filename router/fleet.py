@@ -55,7 +55,7 @@ import structlog
 
 from router import health, v2
 from router.config import Config, Service, Strategy
-from router.health import FundsBench, ProviderHealth, State
+from router.health import Answer, FundsBench, ProviderHealth, State
 from router.metrics import Metrics
 from router.routing import (
     NO_OUTCOMES,
@@ -236,7 +236,17 @@ class Fleet:
                 from_cost=None if threshold is None else v2.format_money(threshold),
             )
         if before is None and found.breaker.opened_at is not None:
-            log.warning("provider_breaker_opened", provider=provider, outcome=str(result.outcome))
+            # The last answer's kind and text (redacted), so that the log says why.
+            answer = Answer.of(
+                result.outcome, rate_limited=result.rate_limited, turned_away=result.turned_away
+            )
+            log.warning(
+                "provider_breaker_opened",
+                provider=provider,
+                outcome=str(result.outcome),
+                answer=str(answer),
+                error=result.error,
+            )
             await self._transition(provider, "open")
 
     async def after_balance(self, provider: str, balance: int, *, sent_at: float) -> None:

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from router import v2
 from router.app import DESK, FLEET, ORDER_SYNC, PROVIDER_WATCHER, SESSION
@@ -212,8 +213,16 @@ async def test_a_provider_whose_firewall_turns_every_order_away_is_opened_like_a
     )
     key = await router.reseller("acme", "100")
 
-    for _ in range(HEALTH.min_calls + 3):
-        assert await placed_at(router, await add(router, key)) == "second"
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(HEALTH.min_calls + 3):
+            assert await placed_at(router, await add(router, key)) == "second"
+    [opened] = [line for line in logs if line["event"] == "provider_breaker_opened"]
+    assert (opened["provider"], opened["outcome"], opened["answer"]) == (
+        "first",
+        "refused",
+        "turned_away",
+    )
+    assert opened["error"].startswith("HTTP 403")  # the log says why
     assert len(first.received_actions("add")) == HEALTH.min_calls  # then skipped: open
     assert first.orders == {}
     assert await router.store.add_outcomes("first") == {"refused": HEALTH.min_calls}
