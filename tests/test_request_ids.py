@@ -21,7 +21,9 @@ from router.cli import order_report
 from router.orders import placement
 from router.sim import Fault, SimProvider
 from router.store import NewOrder, Store
+from router.store import database as store_module  # where Store.open reads its defaults
 from tests.conftest import Router, RouterFactory, SimFactory, service, wait_for
+from tests.test_accepted import QUICK_BUSY_TIMEOUT_MS, QUICK_RETRY, events, write_lock
 
 ADD = {"action": "add", "service": 1, "link": "https://x.test/p", "quantity": 100}  # 1.00
 Logs = list[MutableMapping[str, Any]]
@@ -195,6 +197,39 @@ async def test_a_repeat_that_hangs_up_while_waiting_leaves_the_placement_alone(
     order = await router.store.order(order_id)
     assert order is not None and order.state == "placed"
     assert len(sim.received_actions("add")) == 1 and len(sim.orders) == 1
+    assert await snapshot(router) == (v2.to_minor(Decimal(99)), 2, {"placed": 1})
+
+
+async def test_a_repeat_gives_up_on_a_placement_past_its_bound(
+    start_sim: SimFactory, start_router: RouterFactory, logs: Logs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process's placement outlasts the longest a placement may take (its settle retried
+    under a locked database): the repeat stops waiting and answers the order's ID, as the
+    first's own answer will be."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", QUICK_BUSY_TIMEOUT_MS)
+    monkeypatch.setattr(store_module, "SETTLE_RETRY", QUICK_RETRY)
+    monkeypatch.setattr(placement, "PLACEMENT_SLACK_SECONDS", 0.0)  # the bound: one 2 s call
+    sim = await start_sim()
+    router = await start_router(
+        {"alpha": sim.url}, [service(1, [("alpha", 101)], rate="10.00", min=10, max=1000)]
+    )
+    key = await router.reseller("acme", "100")
+    sim.pause("add")
+    first = asyncio.create_task(router.call(key=key, request_id="long-1", **ADD))
+    await wait_for(lambda: sim.received_actions("add"), "the first add at the upstream")
+    repeat = asyncio.create_task(router.call(key=key, request_id="long-1", **ADD))
+    await wait_for(lambda: waits(logs), "the repeat waiting for the first")
+    [order_id] = waits(logs)
+    with write_lock(router.config.database):
+        sim.resume("add")
+        await wait_for(lambda: events(logs, "write_retried"), "the settle retried")
+        await wait_for(repeat.done, "the repeat answered at the bound, the lock still held")
+        assert repeat.result() == {"order": order_id}
+        order = await router.store.order(order_id)
+        assert order is not None and order.state == "placing" and not first.done()
+    assert await first == {"order": order_id}
+    await wait_for(lambda: not router.app[DESK]._placing, "the placement's entry gone")
+    assert len(sim.orders) == 1
     assert await snapshot(router) == (v2.to_minor(Decimal(99)), 2, {"placed": 1})
 
 
