@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 from router import v2
 from router.config import Config, Service
@@ -24,6 +24,13 @@ def reseller_status(order: Order | OrderStatus) -> str:
     """The v2 word a reseller sees: an order not yet placed upstream is Pending; a held order
     the operator canceled shows its Canceled."""
     return order.status if order.state in ("placed", "canceled") else v2.PENDING
+
+
+class Placing(NamedTuple):
+    """An `add` being placed by this process: what a repeat of its request ID waits for."""
+
+    task: asyncio.Task[int]  # the placement (shielded: it ends however its request does)
+    deadline: float  # loop time: the longest it may take (placement_bound) has passed
 
 
 class DeskBase:
@@ -49,6 +56,10 @@ class DeskBase:
         # Orders whose refill is being asked upstream now -> what the asking request will get:
         # a second request for one of them waits for that answer instead of asking again.
         self._refilling: dict[int, asyncio.Future[int | str]] = {}
+        # Orders this process is placing now (`add`) -> their placement: a repeat of one's
+        # request ID waits for its end, to answer what the first request got. Each entry goes
+        # when its placement ends, however it ends.
+        self._placing: dict[int, Placing] = {}
 
     def reconfigure(self, config: Config, clients: Mapping[str, UpstreamClient]) -> None:
         """Route and forward with `config` and `clients` from now on (a config reload). A

@@ -7,18 +7,34 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Final
 
 import structlog
 
 from router import routing, v2
-from router.config import Route
-from router.orders.desk import DeskBase
+from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, Route
+from router.orders.desk import DeskBase, Placing
 from router.orders.validation import AddRequest, validate_add
 from router.routing import Reason, Step
 from router.store import Attempt, DuplicateRequest, NewOrder, Order, Reseller, UpstreamOrderTaken
 from router.upstream import Outcome, UpstreamClient
 
 log = structlog.get_logger("router.orders")
+
+# Beyond its upstream calls, what a placement may take: its writes (a route noted, the settle
+# and its first retries). router.app's PLACING_SLACK_SECONDS is the same margin for the sweep.
+PLACEMENT_SLACK_SECONDS: Final = 60.0
+# How often a repeat of a request ID reads its first order again while another process (a
+# second router on the database, the CLI re-routing) places it: nothing here knows its end.
+REPEAT_POLL_SECONDS: Final = 0.25
+
+
+def placement_bound(config: Config, routes: int) -> float:
+    """The longest, in seconds, a placement trying up to `routes` routes may take: a call to
+    each, to the longest upstream timeout of `config`, and PLACEMENT_SLACK_SECONDS. For one
+    route it is router.app.placing_bound, after which the sweep holds an order still placing."""
+    longest = max((p.timeout for p in config.providers.values()), default=DEFAULT_UPSTREAM_TIMEOUT)
+    return max(routes, 1) * longest + PLACEMENT_SLACK_SECONDS
 
 
 class Placement(DeskBase):
@@ -27,8 +43,8 @@ class Placement(DeskBase):
     async def add(self, reseller: Reseller, params: Mapping[str, str]) -> int:
         """Place an order and return its local ID; raise V2Error when it is refused.
 
-        A `request_id` the reseller already used answers its first order (see `_repeat`) and
-        places nothing.
+        A `request_id` the reseller already used answers what its first order's request got
+        (see `_repeat`) and places nothing.
         """
         request_id = v2.check_request_id(params.get("request_id"))
         if request_id is not None:
@@ -48,10 +64,11 @@ class Placement(DeskBase):
             if request_id is not None:
                 first = await self.store.order_by_request_id(reseller.id, request_id)
                 if first is not None:
-                    return self._repeat(first)
+                    return await self._repeat(first)
             raise
         service = request.service
         first_route = steps[0].route
+        longest = placement_bound(self.config, len(steps))  # the config that planned `steps`
         try:
             order_id = await self.store.reserve_order(
                 NewOrder(
@@ -68,7 +85,7 @@ class Placement(DeskBase):
                 )
             )
         except DuplicateRequest as repeat:
-            return self._repeat(repeat.first)
+            return await self._repeat(repeat.first)
         if order_id is None:
             raise v2.V2Error(v2.NOT_ENOUGH_FUNDS)
         structlog.contextvars.bind_contextvars(order_id=order_id)
@@ -84,20 +101,61 @@ class Placement(DeskBase):
             finally:
                 bound.update(structlog.contextvars.get_contextvars())
 
+        task = asyncio.create_task(place())
+        # Registered as soon as the order's ID is known, before anything awaits (a repeat that
+        # read the order in between reads it again until it finds this). The callback runs
+        # however the placement ends: an answer, an error, cancelled.
+        self._placing[order_id] = Placing(task, asyncio.get_running_loop().time() + longest)
+        task.add_done_callback(lambda _: self._placing.pop(order_id, None))
         try:
-            return await asyncio.shield(place())
+            return await asyncio.shield(task)
         finally:
             structlog.contextvars.bind_contextvars(**bound)
 
-    @staticmethod
-    def _repeat(first: Order) -> int:
-        """The answer to an `add` repeating `first`'s request ID: `first`'s ID, at once, even
-        while it is still being placed; `failed` (no route took it, refunded) answers the
-        error its reseller got then, never an ID it was never told of."""
+    async def _repeat(self, first: Order) -> int:
+        """The answer to an `add` repeating `first`'s request ID: what `first`'s own request
+        got. Its ID when it is placed or held (the reseller knows held orders: Pending);
+        `failed` (no route took it, refunded) answers the error its reseller got then, never
+        an ID it was never told of.
+
+        While `first` is still being placed, its end is not known yet: the repeat waits for it
+        (`_placement_end`). Placing past the longest a placement may take, it is as good as
+        held (the sweep holds it): its ID.
+        """
         structlog.contextvars.bind_contextvars(order_id=first.id, repeated_request=True)
+        if first.state == "placing":
+            first = await self._placement_end(first)
         if first.state == "failed":
             raise v2.V2Error(v2.UNAVAILABLE)
         return first.id
+
+    async def _placement_end(self, first: Order) -> Order:
+        """`first`, a `placing` order, as its placement left it; as it is at the bound.
+
+        This process's own placement is awaited (never cancelled: the waiting request may
+        be, its reseller hanging up); another process's is read again every
+        REPEAT_POLL_SECONDS until the longest its service's routes may take has passed.
+        """
+        assert first.request_id is not None
+        # A line of its own: the repeat's request line comes only when it is answered.
+        log.info("repeat_waits", order_id=first.id, placing_here=first.id in self._placing)
+        loop = asyncio.get_running_loop()
+        service = self.config.services.get(first.service)
+        deadline = loop.time() + placement_bound(self.config, len(service.route) if service else 1)
+        order: Order | None = first
+        while order is not None and order.state == "placing":
+            placing = self._placing.get(order.id)
+            if placing is not None:
+                # asyncio.wait neither cancels what it waits for nor raises its error.
+                await asyncio.wait((placing.task,), timeout=max(placing.deadline - loop.time(), 0))
+                return await self.store.order(first.id) or first
+            # Not ours, or ours between its reserving write and its registration: read again.
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(REPEAT_POLL_SECONDS, remaining))
+            order = await self.store.order_by_request_id(first.reseller_id, first.request_id)
+        return order or first
 
     async def _place(
         self,
