@@ -29,12 +29,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from router import __version__, reload, v2
 from router.api import V2Api, json_response
 from router.call_log import CallLog
-from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, ConfigError
+from router.config import Config, ConfigError
 from router.config import load as load_config
 from router.fleet import Fleet
 from router.listeners import bind, start_sites
 from router.metrics import Metrics
 from router.orders import OrderDesk
+from router.orders.placement import placement_bound
 from router.store import SqlTrace, Store
 from router.sync.orders import OrderSync
 from router.sync.providers import ProviderWatcher
@@ -47,7 +48,6 @@ CONNECTIONS_PER_PROVIDER: Final = 100
 # default is 5 s): an `add` written to a connection the server just closed fails with a reset,
 # which is ambiguous and would hold the order.
 UPSTREAM_KEEPALIVE_SECONDS: Final = 4.0
-PLACING_SLACK_SECONDS: Final = 60.0  # beyond the longest upstream timeout (see placing_bound)
 # aiohttp's parser refuses a request line or a header over 8 KiB by default: too little for a
 # GET of 100 IDs (2 KiB) with a 2,048-character link percent-encoded (6 KiB in ASCII, 12 KiB in
 # two-byte characters). Past these limits a request is malformed: a v2 JSON answer
@@ -96,13 +96,8 @@ CALLS: Final = web.AppKey("calls", CallLog)
 
 def placing_bound(config: Config) -> float:
     """Seconds after which an order still `placing` on one route was interrupted for sure:
-    longer than any upstream call may take."""
-    return longest_timeout(config) + PLACING_SLACK_SECONDS
-
-
-def longest_timeout(config: Config) -> float:
-    """The longest upstream call a config allows (the default with no provider at all)."""
-    return max((p.timeout for p in config.providers.values()), default=DEFAULT_UPSTREAM_TIMEOUT)
+    longer than any upstream call may take (the bound a repeat of its request waits to)."""
+    return placement_bound(config, 1)
 
 
 async def hold_interrupted(store: Store, config: Config) -> None:
@@ -173,7 +168,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             limit_per_host=CONNECTIONS_PER_PROVIDER,
             keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
         ),
-        timeout=aiohttp.ClientTimeout(total=longest_timeout(config)),
+        timeout=aiohttp.ClientTimeout(total=config.longest_timeout),
         headers={"User-Agent": "smm-router"},
     )
     app[SESSION] = session

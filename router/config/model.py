@@ -163,6 +163,11 @@ class Config:
     # and a reload shows which one runs. Empty for a config built in code.
     version: str = ""
 
+    @property
+    def longest_timeout(self) -> float:
+        """The longest upstream call this config allows (the default with no provider)."""
+        return max((p.timeout for p in self.providers.values()), default=DEFAULT_UPSTREAM_TIMEOUT)
+
 
 class ConfigError(Exception):
     """The config cannot be used; `errors` holds every problem as `<path>: <message>`."""

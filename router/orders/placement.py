@@ -12,7 +12,7 @@ from typing import Final
 import structlog
 
 from router import routing, v2
-from router.config import DEFAULT_UPSTREAM_TIMEOUT, Config, Route
+from router.config import Config, Route
 from router.orders.desk import DeskBase, Placing
 from router.orders.validation import AddRequest, validate_add
 from router.routing import Reason, Step
@@ -22,7 +22,7 @@ from router.upstream import Outcome, UpstreamClient
 log = structlog.get_logger("router.orders")
 
 # Beyond its upstream calls, what a placement may take: its writes (a route noted, the settle
-# and its first retries). router.app's PLACING_SLACK_SECONDS is the same margin for the sweep.
+# and its first retries). The placing sweep (router.app) uses the same bound.
 PLACEMENT_SLACK_SECONDS: Final = 60.0
 # How often a repeat of a request ID reads its first order again while another process (a
 # second router on the database, the CLI re-routing) places it: nothing here knows its end.
@@ -32,9 +32,8 @@ REPEAT_POLL_SECONDS: Final = 0.25
 def placement_bound(config: Config, routes: int) -> float:
     """The longest, in seconds, a placement trying up to `routes` routes may take: a call to
     each, to the longest upstream timeout of `config`, and PLACEMENT_SLACK_SECONDS. For one
-    route it is router.app.placing_bound, after which the sweep holds an order still placing."""
-    longest = max((p.timeout for p in config.providers.values()), default=DEFAULT_UPSTREAM_TIMEOUT)
-    return max(routes, 1) * longest + PLACEMENT_SLACK_SECONDS
+    route, the time after which the sweep (router.app) holds an order still placing."""
+    return max(routes, 1) * config.longest_timeout + PLACEMENT_SLACK_SECONDS
 
 
 class Placement(DeskBase):
