@@ -160,3 +160,24 @@ def test_bad_amounts_are_one_line_errors_and_change_nothing(tmp_path: Path) -> N
         assert message in line, (argv, line)
         assert len(line) < 200, line  # a 5,000-digit amount is not echoed whole
     assert balances(config) == [("acme", "5.00")]  # no top-up, no reseller "other"
+
+
+def usage_error(result: subprocess.CompletedProcess[str]) -> str:
+    """argparse's refusal of a command line (exit 2, usage, no traceback): its error line."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return result.stderr.splitlines()[-1]
+
+
+def test_positive_numbers_keep_their_messages(tmp_path: Path) -> None:
+    """`providers --days` and `probe --timeout`: one parser, each with its limit and words."""
+    config = write_config(tmp_path / "router.yaml")
+    for days in ("0", "-1", "nan", "inf", "100000", "x"):
+        line = usage_error(cli(config, "providers", "--days", days))
+        assert line.endswith(f"argument --days: not a positive number of days: {days!r}"), line
+    for seconds in ("0", "3600", "-0.5", "nan"):
+        line = usage_error(
+            cli(config, "probe", "http://127.0.0.1:9/api/v2", "--key", "k", "--timeout", seconds)
+        )
+        assert line.endswith(f"argument --timeout: not a number of seconds below 3600: {seconds!r}")
+    assert cli(config, "providers", "--days", "0.5", "--json").returncode == 0

@@ -63,6 +63,22 @@ def parse_amount(text: str) -> int:
     return v2.to_minor(amount)
 
 
+def positive_number(below: float, refusal: str) -> Callable[[str], float]:
+    """An argparse `type` for a count that need not be whole (days, seconds): more than 0 and
+    less than `below`; else argparse's error, `refusal` and the text as typed."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = -1.0
+        if not 0 < number < below:  # NaN too: it compares false
+            raise argparse.ArgumentTypeError(f"{refusal}: {text!r}")
+        return number
+
+    return parse
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     widths = {c: max([len(c), *(len(str(row[c])) for row in rows)]) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())

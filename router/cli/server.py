@@ -11,13 +11,22 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from router import v2
-from router.cli.common import CommandError, Commands, config_path, load_config, remedy, run
+from router.cli.common import (
+    CommandError,
+    Commands,
+    config_path,
+    load_config,
+    positive_number,
+    remedy,
+    run,
+)
 
 if TYPE_CHECKING:
     from router.config import Config
     from router.sync.providers import Problem
 
 MAX_PORT = 65535
+MAX_CALL_SECONDS = 3600  # a `probe --timeout` at least this long is a typo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -194,16 +203,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 3600:
-        raise argparse.ArgumentTypeError(f"not a number of seconds below 3600: {text!r}")
-    return seconds
-
-
 def _probe_arguments(checker: argparse.ArgumentParser) -> None:
     """`probe`'s options, added once it is chosen: its default timeout is the config's."""
     from router import config as config_module
@@ -212,7 +211,7 @@ def _probe_arguments(checker: argparse.ArgumentParser) -> None:
     checker.add_argument("--key", required=True, help="the API key of our account there")
     checker.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_number(MAX_CALL_SECONDS, f"not a number of seconds below {MAX_CALL_SECONDS}"),
         default=config_module.DEFAULT_UPSTREAM_TIMEOUT,
         help="seconds for each call (default: %(default)g)",
     )
