@@ -17,6 +17,7 @@ from router.cli.common import (
     Commands,
     age,
     load_config,
+    plain_int,
     positive_number,
     print_table,
     run,
@@ -251,7 +252,12 @@ def add_report_commands(commands: Commands) -> None:
     routes = commands.add(
         "routes", cmd_routes, "the plan a new order on SERVICE would get now, and why"
     )
-    routes.add_argument("service", type=int, metavar="SERVICE", help="a local service ID")
     routes.add_argument(
-        "--quantity", type=int, metavar="N", help="the order's quantity (default: its min)"
+        "service", type=plain_int(v2.MAX_ID), metavar="SERVICE", help="a local service ID"
+    )
+    routes.add_argument(
+        "--quantity",
+        type=plain_int(v2.MAX_QUANTITY),
+        metavar="N",
+        help="the order's quantity (default: its min)",
     )

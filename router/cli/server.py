@@ -16,6 +16,7 @@ from router.cli.common import (
     Commands,
     config_path,
     load_config,
+    plain_int,
     positive_number,
     remedy,
     run,
@@ -241,16 +242,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 0 < port <= MAX_PORT:
-        raise argparse.ArgumentTypeError(f"not a port from 1 to {MAX_PORT}: {text!r}")
-    return port
-
-
 def add_server_commands(commands: Commands) -> None:
     """serve, reload, check, probe."""
     commands.add("serve", cmd_serve, "run the API, the metrics listener and the loops")
@@ -286,7 +277,7 @@ def add_demo_commands(commands: Commands) -> None:
     demo = commands.add("demo", cmd_demo, "simulated providers + the router + a demo reseller")
     demo.add_argument(
         "--port",
-        type=_port,
+        type=plain_int(MAX_PORT, minimum=1, refusal=f"not a port from 1 to {MAX_PORT}"),
         metavar="N",
         help="the router's API port; metrics then listen on N+1 and the simulated providers on "
         "N+2, N+3, ... (default: the config's ports)",
