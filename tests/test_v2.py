@@ -297,6 +297,7 @@ def test_extract_json_refuses_non_json(body: str) -> None:
         ('x [1, "\\\\\\"]", {"a": []}]', [1, '\\"]', {"a": []}]),
         ("<b>Notice</b>: x<br />\n" * 3 + '[{"b": "<br />\\n{"}]', [{"b": "<br />\n{"}]),
         ("\n[x]" * 5000 + '\n{"order": 5}', {"order": 5}),  # more notice lines than guesses
+        ("<br />\n" + "[" * 5000 + ' {"order": 5}', {"order": 5}),  # a guess too deep to read
         ("5", 5),  # a bare scalar parses as a whole body, as before
         ('"Incorrect order ID"', "Incorrect order ID"),
     ],
