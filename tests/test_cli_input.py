@@ -3,6 +3,7 @@ exit 1, no traceback, nothing changed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from router import v2
 from router.cli import CommandError, parse_amount
+from router.cli.common import plain_int
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose `router` is run
 
@@ -160,3 +162,94 @@ def test_bad_amounts_are_one_line_errors_and_change_nothing(tmp_path: Path) -> N
         assert message in line, (argv, line)
         assert len(line) < 200, line  # a 5,000-digit amount is not echoed whole
     assert balances(config) == [("acme", "5.00")]  # no top-up, no reseller "other"
+
+
+def test_amounts_that_look_like_options_are_amounts(tmp_path: Path) -> None:
+    """argparse takes `-Infinity` or `-1e3` for an unknown option (usage, exit 2): here they are
+    amounts, refused as any bad amount is; a plain negative amount still works."""
+    config = write_config(tmp_path / "router.yaml")
+    assert cli(config, "clients", "add", "acme", "--balance", "5").returncode == 0
+    cases = [
+        ["clients", "topup", "acme", text] for text in ("-Infinity", "-1e3", "-NaN", "-\u0665")
+    ]
+    cases += [
+        ["clients", "add", "other", "--balance", "-Infinity"],
+        ["orders", "refund", "1", "-1E+30"],
+    ]
+    for line in refusals(config, cases):
+        assert line.startswith(f"smm-router: {NOT_PLAIN}: '-"), line
+    assert balances(config) == [("acme", "5.00")]
+    assert cli(config, "clients", "topup", "acme", "-1.50").returncode == 0
+    assert balances(config) == [("acme", "3.50")]
+    result = cli(config, "clients", "topup", "acme", "-note", "x")  # an option's typo stays one
+    assert result.returncode == 2 and "unrecognized arguments: -note" in result.stderr
+
+
+NOT_INTEGERS = ["1_000", " 7 ", "7 ", "+5", "-5", "\u0663", "\uff17", "7.0", "1e3", "0x7", ""]
+
+
+@pytest.mark.parametrize("text", NOT_INTEGERS)
+def test_plain_int_takes_ascii_digits_only(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        plain_int(v2.MAX_ID)(text)
+    assert str(caught.value) == f"not a plain decimal integer from 0 to {v2.MAX_ID}: {text!r}"
+
+
+def test_plain_int_reads_plain_digits_within_its_bounds() -> None:
+    assert plain_int(v2.MAX_ID)("7") == 7
+    assert plain_int(v2.MAX_ID)("007") == 7
+    assert plain_int(v2.MAX_ID)(str(v2.MAX_ID)) == v2.MAX_ID
+    assert plain_int(2**63 - 1)("9223372036854775807") == 2**63 - 1  # past parse_plain_int's 16
+    for text, refused_text in ((str(v2.MAX_ID + 1), str(v2.MAX_ID + 1)), ("9" * 5000, "9" * 40)):
+        with pytest.raises(argparse.ArgumentTypeError) as caught:
+            plain_int(v2.MAX_ID)(text)
+        assert f"'{refused_text}" in str(caught.value) and len(str(caught.value)) < 120
+    port = plain_int(65535, minimum=1, refusal="not a port from 1 to 65535")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^not a port from 1 to 65535: '0'$"):
+        port("0")
+
+
+def usage_error(result: subprocess.CompletedProcess[str]) -> str:
+    """argparse's refusal of a command line (exit 2, usage, no traceback): its error line."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return result.stderr.splitlines()[-1]
+
+
+def test_cli_integers_are_plain_digits(tmp_path: Path) -> None:
+    """Every integer argument, run as an operator runs it: what `int()` would take is refused
+    before anything runs; plain digits go through to the command."""
+    config = write_config(tmp_path / "router.yaml")
+    commands = [
+        ["orders", "show", "1_000"],
+        ["orders", "show", "\u0663"],
+        ["orders", "resolve", "+5", "--refund"],
+        ["orders", "resolve", "1", "--upstream-order", " 7 "],
+        ["orders", "resolve", "1", "--upstream-order", str(2**63)],  # past an SQLite INTEGER
+        ["orders", "refund", "-5", "1.00"],
+        ["routes", "1_2"],
+        ["routes", "12", "--quantity", "1e3"],
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda argv: cli(config, *argv), commands))
+    for argv, result in zip(commands, results, strict=True):
+        line = usage_error(result)
+        assert "not a plain decimal integer from 0 to " in line, (argv, line)
+    demo = usage_error(cli(config, "demo", "--port", "\u0668\u0660\u0668\u0660"))
+    assert demo.endswith("argument --port: not a port from 1 to 65535: '\u0668\u0660\u0668\u0660'")
+    assert refused(cli(config, "orders", "show", "007")) == "smm-router: no order 7"
+    assert cli(config, "routes", "12", "--quantity", "0100", "--json").returncode == 0
+
+
+def test_positive_numbers_keep_their_messages(tmp_path: Path) -> None:
+    """`providers --days` and `probe --timeout`: one parser, each with its limit and words."""
+    config = write_config(tmp_path / "router.yaml")
+    for days in ("0", "-1", "nan", "inf", "100000", "x"):
+        line = usage_error(cli(config, "providers", "--days", days))
+        assert line.endswith(f"argument --days: not a positive number of days: {days!r}"), line
+    for seconds in ("0", "3600", "-0.5", "nan"):
+        line = usage_error(
+            cli(config, "probe", "http://127.0.0.1:9/api/v2", "--key", "k", "--timeout", seconds)
+        )
+        assert line.endswith(f"argument --timeout: not a number of seconds below 3600: {seconds!r}")
+    assert cli(config, "providers", "--days", "0.5", "--json").returncode == 0

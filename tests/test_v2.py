@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
+import re
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -282,6 +286,95 @@ def test_extract_json_other_documents() -> None:
 def test_extract_json_refuses_non_json(body: str) -> None:
     with pytest.raises(ValueError):
         v2.extract_json(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('debug: x{"order": 5}', {"order": 5}),  # after text on the same line
+        ('Notice: {"order": 5}', {"order": 5}),
+        ('note {"s": "]\\"[{", "t": "\\\\"}', {"s": ']"[{', "t": "\\"}),  # brackets in strings
+        ('x [1, "\\\\\\"]", {"a": []}]', [1, '\\"]', {"a": []}]),
+        ("<b>Notice</b>: x<br />\n" * 3 + '[{"b": "<br />\\n{"}]', [{"b": "<br />\n{"}]),
+        ("\n[x]" * 5000 + '\n{"order": 5}', {"order": 5}),  # more notice lines than guesses
+        ("<br />\n" + "[" * 5000 + ' {"order": 5}', {"order": 5}),  # a guess too deep to read
+        ("5", 5),  # a bare scalar parses as a whole body, as before
+        ('"Incorrect order ID"', "Incorrect order ID"),
+    ],
+)
+def test_extract_json_wherever_the_json_starts(body: str, expected: object) -> None:
+    assert v2.extract_json(body) == expected
+
+
+def _quadratic_extract_json(body: str) -> object:
+    """extract_json as it was: a decoder call at every bracket, each able to read to the end."""
+    text = body.lstrip("\ufeff").strip()
+    if not text:
+        raise ValueError("empty body")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", text):
+        try:
+            value, end = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if not text[end:].strip():
+            return value
+    raise ValueError("no JSON document at the end of the body")
+
+
+def _outcome(extract: Callable[[str], object], body: str) -> object:
+    try:
+        return ("value", extract(body))
+    except ValueError:
+        return ("ValueError",)
+
+
+def test_extract_json_answers_as_the_quadratic_search_did() -> None:
+    """On thousands of small bodies (random text, random JSON after random text), the same
+    value or the same ValueError as the search that tried every bracket."""
+    rng = random.Random(6)
+    alphabet = '{}[]{}[]"""\\\\,:: \n>ab1'
+    documents = ['{"order": 5}', '[1, "]"]', '{"a": "\\"}{["}', "[]", '{"x": [{"y": "\\\\"}]}']
+    for _ in range(20_000):
+        noise = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        body = noise + rng.choice(documents) if rng.random() < 0.5 else noise
+        assert _outcome(v2.extract_json, body) == _outcome(_quadratic_extract_json, body), body
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param("{" * 3_000_000, ValueError, id="open braces"),
+        pytest.param("x" + "[" * 3_000_000 + "]", [], id="brackets, the last one closed"),
+        pytest.param("[] " * 1_000_000 + "x]", ValueError, id="empty arrays"),
+        pytest.param("x[" + '"",' * 1_000_000 + "]", ValueError, id="empty strings"),
+        pytest.param("<br />\n[" * 500_000 + '{"order": 5}', {"order": 5}, id="notice lines"),
+        pytest.param("<b>N</b>: [" * 200_000 + '{"order": 5', ValueError, id="then truncated"),
+        pytest.param('\n["' * 1_000_000 + "]", ValueError, id="a string at each line"),
+    ],
+)
+def test_extract_json_tries_a_bounded_number_of_starts(body: str, expected: object) -> None:
+    """A few MB built to make a search start at every bracket: a handful of decoder calls."""
+    assert len(list(v2._json_starts(body))) <= v2.MAX_QUICK_STARTS + 1
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            v2.extract_json(body)
+    else:
+        assert v2.extract_json(body) == expected
+
+
+def test_extract_json_of_json_nested_too_deep() -> None:
+    """As json.loads: a RecursionError, which the upstream client reads as unreadable."""
+    with pytest.raises(RecursionError):
+        v2.extract_json("[" * 3_000_000 + "]")
+    with pytest.raises(RecursionError):
+        v2.extract_json('{"a":' * 600_000)
+    with pytest.raises(RecursionError):
+        v2.extract_json("<br />\n" + "[" * 5000 + "]" * 5000)
 
 
 # --- Strict parsing of reseller input ------------------------------------------------------------

@@ -27,7 +27,12 @@ Handler = Callable[[argparse.Namespace], int]
 KEY_BYTES = 24
 MAX_AMOUNT_DIGITS: Final = 12  # whole digits of an amount: below a trillion, far from overflow
 _AMOUNT: Final = re.compile(r"-?(?P<whole>[0-9]+)(?:\.(?P<decimals>[0-9]+))?")
-_SHOWN_CHARS: Final = 40  # of a refused amount, in its one-line error
+_SHOWN_CHARS: Final = 40  # of a refused amount or integer, in its one-line error
+MAX_STORED_INT: Final = 2**63 - 1  # an SQLite INTEGER: what an upstream order ID may be
+# What argparse would take for an unknown option although it is a value, bad or not: `-5` and
+# `-.5` it reads as values already, not `-1e3`, `-Infinity` nor `-NaN` (nor `-٣`). As values,
+# the command refuses them with its own error; an option is `--word` or `-h` here.
+_NEGATIVE_VALUE: Final = re.compile(r"-(?:[^-A-Za-z]|(?i:s?nan|inf))")
 
 
 class CommandError(Exception):
@@ -61,6 +66,50 @@ def parse_amount(text: str) -> int:
     if amount == 0 and plain.startswith("-"):
         raise CommandError(f"not a plain decimal amount: {shown} (write 0, not -0)")
     return v2.to_minor(amount)
+
+
+def plain_int(
+    maximum: int, *, minimum: int = 0, refusal: str | None = None
+) -> Callable[[str], int]:
+    """An argparse `type` for an integer typed by the operator (an ID, a quantity, a port).
+
+    ASCII digits only, as the API reads its IDs: no sign, space, `_` or digits of another
+    script (`int()` takes `+5`, ` 7 `, `1_000` and `٣`), at most as many as `maximum` has;
+    from `minimum` to `maximum`. Else argparse's error: `refusal` (by default the rule) and
+    the text as typed. Not v2.parse_plain_int itself: it strips spaces, and its 16 digits are
+    fewer than an upstream order ID may have.
+    """
+    digits = len(str(maximum))
+    refusal = refusal or f"not a plain decimal integer from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        plain = 0 < len(text) <= digits and text.isascii() and text.isdigit()
+        number = int(text) if plain else None
+        if number is None or not minimum <= number <= maximum:
+            raise argparse.ArgumentTypeError(f"{refusal}: {_shown(text)}")
+        return number
+
+    return parse
+
+
+def positive_number(below: float, refusal: str) -> Callable[[str], float]:
+    """An argparse `type` for a count that need not be whole (days, seconds): more than 0 and
+    less than `below`; else argparse's error, `refusal` and the text as typed."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = -1.0
+        if not 0 < number < below:  # NaN too: it compares false
+            raise argparse.ArgumentTypeError(f"{refusal}: {text!r}")
+        return number
+
+    return parse
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -150,6 +199,8 @@ class CommandParser(argparse.ArgumentParser):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._populate = populate
+        # argparse's own attribute (typeshed declares it): which tokens are values, not options.
+        self._negative_number_matcher = _NEGATIVE_VALUE
 
     def parse_known_args(  # type: ignore[override]  # one signature for typeshed's overloads
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None

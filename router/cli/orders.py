@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from router import v2
 from router.cli.common import (
+    MAX_STORED_INT,
     CommandError,
     Commands,
     age,
@@ -19,6 +20,7 @@ from router.cli.common import (
     load_config,
     operator,
     parse_amount,
+    plain_int,
     print_table,
     run,
     with_store,
@@ -213,12 +215,15 @@ def add_order_commands(commands: Commands) -> None:
     orders = commands.group("orders", "held orders and their resolution", dest="orders_command")
     orders.add("held", cmd_orders_held, "orders whose upstream outcome is unknown")
     show = orders.add("show", cmd_orders_show, "an order, its attempts, history and ledger rows")
-    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("id", type=plain_int(v2.MAX_ID), metavar="ID")
     resolve = orders.add("resolve", cmd_orders_resolve, "attach, re-route or refund a held order")
-    resolve.add_argument("id", type=int, metavar="ID")
+    resolve.add_argument("id", type=plain_int(v2.MAX_ID), metavar="ID")
     how = resolve.add_mutually_exclusive_group(required=True)
     how.add_argument(
-        "--upstream-order", type=int, metavar="N", help="attach the order found at its provider"
+        "--upstream-order",
+        type=plain_int(MAX_STORED_INT),
+        metavar="N",
+        help="attach the order found at its provider",
     )
     how.add_argument("--reroute", action="store_true", help="place it now on the next routes")
     how.add_argument("--refund", action="store_true", help="cancel it and refund its charge")
@@ -228,7 +233,7 @@ def add_order_commands(commands: Commands) -> None:
         cmd_orders_refund,
         "refund part or all of an order that ended upstream (a package ended Partial, ...)",
     )
-    refund.add_argument("id", type=int, metavar="ID")
+    refund.add_argument("id", type=plain_int(v2.MAX_ID), metavar="ID")
     refund.add_argument("amount", help="what to give back, e.g. 1.25")
     refund.add_argument("--note", default="refund by the operator", help="the ledger row's note")
     refund.add_argument("--by", help="who refunds it, for its history (default: the OS user)")

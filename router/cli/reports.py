@@ -17,6 +17,8 @@ from router.cli.common import (
     Commands,
     age,
     load_config,
+    plain_int,
+    positive_number,
     print_table,
     run,
     with_store,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from router.store import Store
     from router.sync.providers import ProviderReport
 
+MAX_REPORT_DAYS = 100_000  # a longer `providers --days` is a typo
+
 # --- providers -----------------------------------------------------------------------------------
 
 
@@ -38,16 +42,6 @@ def _instant(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def _days(text: str) -> float:
-    try:
-        days = float(text)
-    except ValueError:
-        days = -1.0
-    if not 0 < days < 100_000:
-        raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
-    return days
 
 
 def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
@@ -250,13 +244,20 @@ def add_report_commands(commands: Commands) -> None:
         "--since", type=_instant, help=f"ISO date or time (default: {REPORT_DAYS} days ago)"
     )
     period.add_argument(
-        "--days", type=_days, help=f"the N days before --until (default: {REPORT_DAYS})"
+        "--days",
+        type=positive_number(MAX_REPORT_DAYS, "not a positive number of days"),
+        help=f"the N days before --until (default: {REPORT_DAYS})",
     )
     providers.add_argument("--until", type=_instant, help="ISO date or time (default: now)")
     routes = commands.add(
         "routes", cmd_routes, "the plan a new order on SERVICE would get now, and why"
     )
-    routes.add_argument("service", type=int, metavar="SERVICE", help="a local service ID")
     routes.add_argument(
-        "--quantity", type=int, metavar="N", help="the order's quantity (default: its min)"
+        "service", type=plain_int(v2.MAX_ID), metavar="SERVICE", help="a local service ID"
+    )
+    routes.add_argument(
+        "--quantity",
+        type=plain_int(v2.MAX_QUANTITY),
+        metavar="N",
+        help="the order's quantity (default: its min)",
     )

@@ -11,13 +11,23 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from router import v2
-from router.cli.common import CommandError, Commands, config_path, load_config, remedy, run
+from router.cli.common import (
+    CommandError,
+    Commands,
+    config_path,
+    load_config,
+    plain_int,
+    positive_number,
+    remedy,
+    run,
+)
 
 if TYPE_CHECKING:
     from router.config import Config
     from router.sync.providers import Problem
 
 MAX_PORT = 65535
+MAX_CALL_SECONDS = 3600  # a `probe --timeout` at least this long is a typo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -194,16 +204,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 3600:
-        raise argparse.ArgumentTypeError(f"not a number of seconds below 3600: {text!r}")
-    return seconds
-
-
 def _probe_arguments(checker: argparse.ArgumentParser) -> None:
     """`probe`'s options, added once it is chosen: its default timeout is the config's."""
     from router import config as config_module
@@ -212,7 +212,7 @@ def _probe_arguments(checker: argparse.ArgumentParser) -> None:
     checker.add_argument("--key", required=True, help="the API key of our account there")
     checker.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_number(MAX_CALL_SECONDS, f"not a number of seconds below {MAX_CALL_SECONDS}"),
         default=config_module.DEFAULT_UPSTREAM_TIMEOUT,
         help="seconds for each call (default: %(default)g)",
     )
@@ -240,16 +240,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logs.configure()
     run_until_signal(demo.run(config, port=args.port), args)
     return 0
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 0 < port <= MAX_PORT:
-        raise argparse.ArgumentTypeError(f"not a port from 1 to {MAX_PORT}: {text!r}")
-    return port
 
 
 def add_server_commands(commands: Commands) -> None:
@@ -287,7 +277,7 @@ def add_demo_commands(commands: Commands) -> None:
     demo = commands.add("demo", cmd_demo, "simulated providers + the router + a demo reseller")
     demo.add_argument(
         "--port",
-        type=_port,
+        type=plain_int(MAX_PORT, minimum=1, refusal=f"not a port from 1 to {MAX_PORT}"),
         metavar="N",
         help="the router's API port; metrics then listen on N+1 and the simulated providers on "
         "N+2, N+3, ... (default: the config's ports)",
