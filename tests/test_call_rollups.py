@@ -112,23 +112,22 @@ def expected_rollups(calls: Iterable[CallRecord]) -> dict[tuple[Any, ...], tuple
     return {key: tuple(row) for key, row in found.items()}
 
 
-def stored_rollups(database: Path) -> dict[tuple[Any, ...], tuple[int, ...]]:
+def stored_rollups(
+    database: Path, table: str = "upstream_call_minutes", start: str = "minute"
+) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """(provider, start of the minute, action, outcome) -> (calls, latency_us, buckets...) as
+    stored; `table` and `start` name the hour rollups' instead (stored_hours)."""
     with contextlib.closing(sqlite3.connect(database)) as db:
         rows = db.execute(
-            f"SELECT provider, minute, action, outcome, calls, latency_us, "
-            f"{', '.join(BUCKET_COLUMNS)} FROM upstream_call_minutes"
+            f"SELECT provider, {start}, action, outcome, calls, latency_us, "
+            f"{', '.join(BUCKET_COLUMNS)} FROM {table}"
         ).fetchall()
     return {tuple(row[:4]): tuple(row[4:]) for row in rows}
 
 
 def stored_hours(database: Path) -> dict[tuple[Any, ...], tuple[int, ...]]:
     """The hour rollups of migration 0014, keyed as stored_rollups is (the hour's start)."""
-    with contextlib.closing(sqlite3.connect(database)) as db:
-        rows = db.execute(
-            f"SELECT provider, hour, action, outcome, calls, latency_us, "
-            f"{', '.join(BUCKET_COLUMNS)} FROM upstream_call_hours"
-        ).fetchall()
-    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
+    return stored_rollups(database, "upstream_call_hours", "hour")
 
 
 def hours_of(
