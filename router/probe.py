@@ -45,10 +45,10 @@ from router.upstream import (
     UpstreamError,
     UpstreamRefused,
     UpstreamUnreachable,
-    classify_add,
     parse_answer,
     parse_balance,
     parse_catalogue,
+    read_add,
 )
 
 UNKNOWN_ORDER: Final = 2**31 - 1  # the largest ID of a 32-bit column: no panel has got that far
@@ -416,7 +416,8 @@ def _status(answer: Answer, key_refused: str | None) -> Check:
 
 
 def _add(answer: Answer, key_refused: str | None) -> Check:
-    outcome, upstream_order, error = classify_add(answer.status, answer.content_type, answer.body)
+    read = read_add(answer.status, answer.content_type, answer.body)
+    outcome, upstream_order, error = read.outcome, read.upstream_order, read.error
     if outcome is Outcome.ACCEPTED:
         found = [
             f"it ACCEPTED an order for service 0, quantity 0, without a link: upstream order "

@@ -307,14 +307,6 @@ def read_add(status: int, content_type: str, body: str | bytes) -> AddAnswer:
     return AddAnswer(Outcome.ACCEPTED, order, None)
 
 
-def classify_add(
-    status: int, content_type: str, body: str | bytes
-) -> tuple[Outcome, int | None, str | None]:
-    """(outcome, upstream order ID, error text) for one answer to `add` (see read_add)."""
-    answer = read_add(status, content_type, body)
-    return answer.outcome, answer.upstream_order, answer.error
-
-
 def parse_status_item(raw: object, quantity: int | None) -> UpstreamStatus | None:
     """One order's status; None leaves the order as it was (error, unknown word, garbage)."""
     if not isinstance(raw, dict) or _item_error(raw) is not None:
