@@ -137,7 +137,15 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await store.close()
     commits, writes = store.commit_counts  # how many writes shared each commit
-    log.info("store_closed", commits=commits, writes=writes)
+    batches, busy, cpu = store.writer_time
+    log.info(
+        "store_closed",
+        commits=commits,
+        writes=writes,
+        batches=batches,
+        writer_busy_seconds=round(busy, 3),
+        writer_cpu_seconds=round(cpu, 3),
+    )
 
 
 async def _call_log_ctx(app: web.Application) -> AsyncIterator[None]:

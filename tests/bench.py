@@ -451,6 +451,24 @@ def commits_of(log: Path) -> str:
     return "unknown (the router logged no store_closed line)"
 
 
+def writer_of(log: Path) -> str:
+    """The writer's time per batch, from the same `store_closed` line: the wall time of a
+    batch beyond its thread's CPU is waiting, for the disk (its commit) and for the GIL."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "store_closed":
+                batches = max(int(entry["batches"]), 1)
+                busy, cpu = float(entry["writer_busy_seconds"]), float(entry["writer_cpu_seconds"])
+                return (
+                    f"{batches:,} batches, {1000 * busy / batches:.2f} ms each, of which "
+                    f"{1000 * cpu / batches:.2f} ms is the writer thread's CPU: the rest "
+                    f"({1 - cpu / max(busy, 1e-9):.0%}) waits for the disk and for the GIL "
+                    f"(the event loop's thread holds it while it runs Python)"
+                )
+    return "unknown (the router logged no store_closed line with the writer's times)"
+
+
 def ledger_check(database: Path) -> tuple[bool, str]:
     """The bench reseller's balance against its ledger and its placed orders."""
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
@@ -597,6 +615,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
         exact, ledger = ledger_check(database)
         router_err.close()
         commits = commits_of(router_log)
+        writer = writer_of(router_log)
         floor = await store_floor(database, Path(folder))
     print(f"load average after: {load_average()}")
     print()
@@ -604,6 +623,7 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
     print()
     print(f"ledger: {ledger}")
     print(f"group commit: {commits}")
+    print(f"the writer: {writer}")
     print(f"the store's floor: {floor}")
     print(cpu_ceiling(add_cpu))
     return 0 if exact else 1

@@ -199,6 +199,7 @@ async def test_jobs_queued_together_share_one_commit_up_to_the_batch_bound(
     try:
         reseller = await store.create_reseller("acme", "hash", 0)
         commits, jobs = store.commit_counts
+        ran, busy, cpu = store.writer_time
         async with writer_held(store) as holder:
             writes = [
                 asyncio.create_task(store.write(ledger_row(store, reseller.id, 1)))
@@ -209,6 +210,11 @@ async def test_jobs_queued_together_share_one_commit_up_to_the_batch_bound(
         batches = await asyncio.gather(*writes)
         assert [batches.count(b) for b in sorted(set(batches))] == [5, 5, 2]
         assert store.commit_counts == (commits + 1 + 3, jobs + 1 + 12)
+        # The writer's own account of the same four batches: the holder's waited on the test,
+        # so its wall time is more than its CPU; a thread's CPU never exceeds its wall time.
+        ran_now, busy_now, cpu_now = store.writer_time
+        assert ran_now == ran + 1 + 3
+        assert 0 < cpu_now - cpu < busy_now - busy
         assert await store.ledger_sum(reseller.id) == 12
     finally:
         await store.close()

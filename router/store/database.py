@@ -282,6 +282,16 @@ class Database:
             return (0, 0)
         return (self._writer.commits, self._writer.jobs)
 
+    @property
+    def writer_time(self) -> tuple[int, float, float]:
+        """(batches run, seconds spent running them, the writer thread's CPU seconds in them)
+        since the store opened. The wall time beyond the CPU is the writer waiting: for each
+        commit's fsync, and for the GIL, which the event loop's thread holds while it runs
+        Python. (0, 0.0, 0.0) for a read-only store."""
+        if self._writer is None:
+            return (0, 0.0, 0.0)
+        return (self._writer.batch, self._writer.busy_seconds, self._writer.busy_cpu_seconds)
+
     async def _migrate(self) -> None:
         """Apply the migrations not recorded yet, all in one transaction with their records.
 

@@ -88,6 +88,10 @@ class Writer:
         self.batch = 0  # the batch being run (or last run), from 1: a job may read it
         self.commits = 0  # batches committed
         self.jobs = 0  # jobs committed (each of them succeeded)
+        # Wall time spent running batches, and the thread's CPU in them: what is left between
+        # the two is waiting, for the disk (each commit's fsync) and for the GIL.
+        self.busy_seconds = 0.0
+        self.busy_cpu_seconds = 0.0
 
     @classmethod
     async def open(
@@ -172,7 +176,10 @@ class Writer:
                         assert isinstance(item, _Queued)
                         pending.append(item)
                 batch, pending = pending[: self._max_batch], pending[self._max_batch :]
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 pending = self._run_batch(batch) + pending
+                self.busy_seconds += time.perf_counter() - started
+                self.busy_cpu_seconds += time.thread_time() - started_cpu
         except BaseException as exc:  # a bug here must not leave callers waiting forever
             self._closed = True
             failed = WriterClosed(f"the store's writer stopped: {exc!r}")
