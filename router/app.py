@@ -24,7 +24,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from router import __version__, reload, v2
 from router.api import V2Api, json_response
@@ -516,7 +516,7 @@ def create_metrics_app(api: web.Application) -> web.Application:
         registry.orders_held.set(await api[STORE].count_held())
         await registry.stored.read(api[STORE])  # money, held ages, sync lag: from the database
         return web.Response(
-            body=generate_latest(registry.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=registry.exposition.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     app = web.Application()

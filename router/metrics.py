@@ -4,7 +4,7 @@ Usage::
 
     metrics = Metrics(CollectorRegistry(), providers=config.providers, currency=config.currency)
     metrics.requests.labels(action="add", outcome="ok").inc()
-    await metrics.stored.read(store)               # each scrape, before generate_latest
+    await metrics.stored.read(store)               # each scrape, before exposition.render()
 
 Labels never carry reseller IDs, order IDs or keys.
 
@@ -34,6 +34,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from router import __version__, v2
+from router.exposition import Exposition
 from router.health import STATES
 from router.routing import REASONS
 from router.store import CALL_LATENCY_BUCKETS, HeldAges, ProviderTotals, Store
@@ -84,6 +85,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it untyped
         providers = tuple(providers)
         self.registry = registry
+        self.exposition = Exposition(registry)  # what a scrape answers: see router.exposition
         # prometheus_client adds `_info`: smm_router_build_info{version="0.1.0"} 1
         self.build = Info(
             "smm_router_build", "The running smm-router's version.", registry=registry
