@@ -461,10 +461,11 @@ def writer_of(log: Path) -> str:
                 batches = max(int(entry["batches"]), 1)
                 busy, cpu = float(entry["writer_busy_seconds"]), float(entry["writer_cpu_seconds"])
                 return (
-                    f"{batches:,} batches, {1000 * busy / batches:.2f} ms each, of which "
-                    f"{1000 * cpu / batches:.2f} ms is the writer thread's CPU: the rest "
-                    f"({1 - cpu / max(busy, 1e-9):.0%}) waits for the disk and for the GIL "
-                    f"(the event loop's thread holds it while it runs Python)"
+                    f"over the whole run (every load, one connection too), {batches:,} batches, "
+                    f"{1000 * busy / batches:.2f} ms each, of which {1000 * cpu / batches:.2f} ms "
+                    f"is its thread's CPU; the rest ({1 - cpu / max(busy, 1e-9):.0%}) is waiting: "
+                    f"for each commit's fsync, and for the GIL while the event loop's thread "
+                    f"runs Python"
                 )
     return "unknown (the router logged no store_closed line with the writer's times)"
 
