@@ -16,6 +16,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,8 @@ async def test_healthz_metrics_and_start_up_read_a_million_orders_by_index(
             ),
             ("clients list", store.list_resellers),
             ("orders held", store.held_orders),
+            # One order's margin: its recorded cost, else its planned one, else its route's rate.
+            ("order margin", lambda: store.order_margin(MILLION // 2, Decimal(1))),
         ):
             statements[:] = []
             started = time.perf_counter()
@@ -250,6 +253,8 @@ async def test_healthz_metrics_and_start_up_read_a_million_orders_by_index(
                 assert [r.orders for r in answer] == [MILLION - failed]
             elif name == "orders held":
                 assert len(answer) == held
+            elif name == "order margin":
+                assert answer is not None and answer.order_id == MILLION // 2
     finally:
         await store.close()
     for name, captured in reports.items():

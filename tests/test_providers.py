@@ -572,6 +572,39 @@ async def test_margins_use_recorded_costs_and_refunds(
     assert (later.orders, later.margin) == (0, 0)
 
 
+async def test_a_rate_change_leaves_the_cost_an_order_was_placed_at(
+    start_sim: SimFactory, start_router: RouterFactory
+) -> None:
+    """Until its status records a cost, an order counts at what its route was planned to cost
+    when it was placed (what the provider charged), not at the rate the catalogue says now."""
+    sim = await start_sim(partial_every=1, progress_seconds=10)  # each ends Partial: 250 left
+    router = await start_router({"first": sim.url}, [service(1, [("first", 101)], rate="2.00")])
+    key = await router.reseller("acme", "100")
+    await watcher(router).catalogues_once()  # 101 at 0.50 per 1000
+    placed = (await add(router, key, 1000))["order"]
+    sim.set_rate(101, Decimal("0.90"))
+    await watcher(router).catalogues_once()
+    later = (await add(router, key, 1000))["order"]  # planned at the new rate
+
+    first = await router.store.order_margin(placed, Decimal(1))
+    second = await router.store.order_margin(later, Decimal(1))
+    assert first is not None and second is not None
+    assert (first.cost, first.cost_estimated, first.margin) == (50000, True, 150000)
+    assert (second.cost, second.cost_estimated) == (90000, True)
+    total = await router.store.provider_margin("first", Decimal(1))
+    assert (total.orders, total.cost, total.estimated, total.uncosted) == (2, 140000, 2, 0)
+    # A planned cost is in the config's currency already: `fx` does not move it again.
+    assert (await router.store.provider_margin("first", Decimal("1.08"))).cost == 140000
+
+    sim.advance(11)
+    await router.app[ORDER_SYNC].run_once()  # Partial: charged 750 x 0.50 and 750 x 0.90
+    first = await router.store.order_margin(placed, Decimal(1))
+    assert first is not None
+    assert (first.cost, first.cost_estimated, first.revenue) == (37500, False, 150000)
+    total = await router.store.provider_margin("first", Decimal(1))
+    assert (total.orders, total.cost, total.estimated) == (2, 37500 + 67500, 0)
+
+
 # --- smm-router check --online -------------------------------------------------------------------
 
 CHECK_YAML = """\

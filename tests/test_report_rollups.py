@@ -4,8 +4,9 @@
 days at a period's edges from the rows; `clients list` reads per-reseller running totals. Here
 a database gets orders over several days through the store's own writes (placed, failed, held,
 re-routed, canceled, Partial and Canceled with their refunds, an operator's refund, costs that
-fall), and every figure is compared with the old full queries (kept below as the reference) over
-many periods: all time, whole days, partial days, edges a float's step from midnight.
+fall, costs planned at placement or not), and every figure is compared with the old full queries
+(kept below as the reference) over many periods: all time, whole days, partial days, edges a
+float's step from midnight.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ PROVIDERS = ("alpha", "beta", "gamma")
 ROUTES = (("alpha", 101), ("alpha", 102), ("beta", 201), ("gamma", 301))
 FLAT = tuple(n for n, kind in v2.SERVICE_TYPES.items() if kind.quantity == "flat")
 
-# The queries the rollups replaced (router/store/reports.py and resellers.py before 0011).
+# The queries the rollups replaced (router/store/reports.py and resellers.py before 0011), the
+# margin's with the costs planned at placement (0015): an order without a recorded cost counts
+# at its estimated_cost, and only one without that either at its catalogue rate (or not at all).
 REFERENCE_MARGIN = (
-    "SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), coalesce(sum(o.cost), 0), "
-    "coalesce(sum(o.cost IS NULL AND c.rate IS NOT NULL), 0), "
-    "coalesce(sum(CASE WHEN o.cost IS NULL THEN "
+    "SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), "
+    "coalesce(sum(CASE WHEN o.cost IS NOT NULL THEN o.cost ELSE o.estimated_cost END), 0), "
+    "coalesce(sum(o.cost IS NULL AND (o.estimated_cost IS NOT NULL OR c.rate IS NOT NULL)), 0), "
+    "coalesce(sum(CASE WHEN o.cost IS NULL AND o.estimated_cost IS NULL THEN "
     f"CASE WHEN c.type IN ({', '.join('?' * len(FLAT))}) THEN c.rate * 1000 "
     "ELSE c.rate * o.quantity END END), 0), "
-    "coalesce(sum(o.cost IS NULL AND c.rate IS NULL), 0) "
+    "coalesce(sum(o.cost IS NULL AND o.estimated_cost IS NULL AND c.rate IS NULL), 0) "
     "FROM orders o LEFT JOIN route_catalogue c "
     "ON c.provider = o.provider AND c.service = o.upstream_service "
     "WHERE o.provider = ? AND o.created_at >= ? AND o.created_at < ? AND o.state = 'placed'"
@@ -53,6 +57,36 @@ REFERENCE_RESELLERS = (
 
 def reference_margin(db: sqlite3.Connection, provider: str, since: float, until: float) -> Any:
     return db.execute(REFERENCE_MARGIN, (*FLAT, provider, since, until)).fetchone()
+
+
+def recomputed_days(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """provider_order_days as migration 0015 defines it, summed here from the orders."""
+    days: dict[tuple[str, int, int], list[int]] = {}
+    for provider, created_at, service, charge, refunded, cost, planned, quantity in db.execute(
+        "SELECT provider, created_at, upstream_service, charge, refunded, cost, estimated_cost, "
+        "quantity FROM orders WHERE state = 'placed' AND provider IS NOT NULL"
+    ):
+        row = days.setdefault((provider, int(created_at / DAY), service or 0), [0] * 7)
+        row[0] += 1
+        row[1] += charge - refunded
+        if cost is not None:
+            row[2] += cost
+        elif planned is not None:
+            row[3], row[4] = row[3] + 1, row[4] + planned
+        else:
+            row[5], row[6] = row[5] + 1, row[6] + quantity
+    return sorted((*key, *row) for key, row in days.items())
+
+
+def stored_days(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """provider_order_days as stored, but for the rows left counting nothing (the triggers keep
+    a row whose orders all moved away)."""
+    columns = "orders, revenue, cost, planned, planned_cost, uncosted, uncosted_quantity"
+    return db.execute(
+        f"SELECT provider, day, upstream_service, {columns} FROM provider_order_days "
+        f"WHERE NOT ({' AND '.join(f'{c.strip()} = 0' for c in columns.split(','))}) "
+        "ORDER BY provider, day, upstream_service"
+    ).fetchall()
 
 
 def reference_outcomes(
@@ -87,6 +121,11 @@ async def history(
         midnight = float(day * DAY)
         moments += [midnight, math.nextafter(midnight, 0), math.nextafter(midnight, math.inf)]
     orders = []
+
+    def planned() -> int | None:
+        """The cost the order's route was planned at (minor units); None: no rate was known."""
+        return None if rng.random() < 0.3 else rng.randrange(0, 300_000)
+
     for n, at in enumerate(moments):
         provider, upstream_service = ROUTES[n % len(ROUTES)]
         quantity = rng.choice((100, 1000, 2500))
@@ -128,6 +167,7 @@ async def history(
                     provider=other,
                     upstream_service=service,
                     upstream_order=n,
+                    estimated_cost=planned(),
                 )
             else:
                 assert await store.refund_held(order_id, "canceled")
@@ -140,13 +180,14 @@ async def history(
                 provider=provider,
                 upstream_service=upstream_service,
                 upstream_order=n,
+                estimated_cost=planned(),
             )
     # The status sync: some Completed at a cost, some Partial or Canceled with their refunds.
     for n, order_id in enumerate(orders):
         order = await store.order(order_id)
         assert order is not None
         if order.state != "placed" or n % 5 == 0:
-            continue  # no status yet: costed at the catalogue rate, when there is one
+            continue  # no status yet: costed as planned, else at the catalogue rate if any
         ending = ("Completed", "Partial", "Canceled", "In progress")[n % 4]
         cost = rng.randrange(0, 200_000)
         refund = {"Partial": order.charge // 4, "Canceled": order.charge}.get(ending, 0)
@@ -159,6 +200,13 @@ async def history(
             await store.record_statuses([record], checked_at=order.created_at + 7200)
         if ending == "Completed" and n % 2 == 0:  # the operator's goodwill refund
             assert await store.refund_ended_order(order_id, order.charge // 10, "goodwill", "r")
+    # A planned cost changed by hand (no code does it; the triggers follow it all the same).
+    await store.write(
+        lambda db: db.execute(
+            "UPDATE orders SET estimated_cost = CASE WHEN estimated_cost IS NULL THEN 12345 END "
+            "WHERE id % 9 = 0"
+        )
+    )
     return orders
 
 
@@ -224,11 +272,18 @@ async def test_provider_figures_equal_the_full_queries_over_every_period(tmp_pat
                         until,
                     )
             # The history has what the comparison needs to mean something.
-            [(placed, failed, refunded, costed)] = db.execute(
+            [(placed, failed, refunded, costed, planned, rated, unrated)] = db.execute(
                 "SELECT sum(state = 'placed'), sum(state = 'failed'), "
-                "sum(state = 'placed' AND refunded > 0), sum(cost IS NOT NULL) FROM orders"
+                "sum(state = 'placed' AND refunded > 0), sum(cost IS NOT NULL), "
+                "sum(state = 'placed' AND cost IS NULL AND estimated_cost IS NOT NULL), "
+                "sum(state = 'placed' AND coalesce(cost, estimated_cost) IS NULL "
+                "AND provider <> 'gamma'), "
+                "sum(state = 'placed' AND coalesce(cost, estimated_cost) IS NULL "
+                "AND provider = 'gamma') FROM orders"
             ).fetchall()
             assert placed > 100 and failed > 20 and refunded > 20 and costed > 50
+            assert planned > 15 and rated > 4 and unrated > 1
+            assert stored_days(db) == recomputed_days(db)
             rerouted = db.execute(
                 "SELECT count(*) FROM order_events WHERE kind = 'resolve' AND detail = 're-route'"
             ).fetchone()[0]
@@ -259,7 +314,8 @@ async def test_reseller_totals_equal_the_full_counts(tmp_path: Path) -> None:
 
 
 async def test_the_migration_backfills_what_the_triggers_keep(tmp_path: Path) -> None:
-    """A database written before 0011 gets the rollups the triggers would have kept."""
+    """A database written before 0011 gets the rollups the triggers would have kept (0011's
+    backfill, then 0015's recomputation of provider_order_days)."""
     database = tmp_path / "router.db"
     store = await Store.open(database)
     try:
@@ -269,7 +325,8 @@ async def test_the_migration_backfills_what_the_triggers_keep(tmp_path: Path) ->
     tables = ("provider_order_days", "provider_attempt_days", "reseller_totals")
     with sqlite3.connect(database) as db:
         kept = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
-        # Back to 0010: the rollups and their triggers gone, the migration not recorded.
+        # Back to 0010: the rollups and their triggers gone, 0011 and 0015 (which builds on its
+        # provider_order_days) not recorded.
         triggers = db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'trigger' AND ("
             + " OR ".join(f"sql LIKE '%{t}%'" for t in tables)
@@ -280,12 +337,16 @@ async def test_the_migration_backfills_what_the_triggers_keep(tmp_path: Path) ->
             db.execute(f"DROP TRIGGER {name}")
         for table in tables:
             db.execute(f"DROP TABLE {table}")
-        db.execute("DELETE FROM schema_migrations WHERE name = '0011_report_rollups.sql'")
+        db.execute(
+            "DELETE FROM schema_migrations "
+            "WHERE name IN ('0011_report_rollups.sql', '0015_planned_costs.sql')"
+        )
         # 0011's backfill counts through orders_by_reseller, which a 0010 database has (0013,
         # applied after it, replaces that index with orders_status).
         db.execute("CREATE INDEX IF NOT EXISTS orders_by_reseller ON orders (reseller_id, id)")
     await (await Store.open(database)).close()
     with sqlite3.connect(database) as db:
         backfilled = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
+        assert stored_days(db) == recomputed_days(db)
     assert all(kept[t] for t in tables)
     assert backfilled == kept

@@ -52,7 +52,7 @@ def _provider_json(row: ProviderReport, now: float) -> dict[str, Any]:
         "cost": v2.format_money(row.money.cost),
         "revenue": v2.format_money(row.money.revenue),
         "margin": v2.format_money(row.money.margin),
-        "cost_estimated_orders": row.money.estimated,  # no status yet: costed at catalogue rate
+        "cost_estimated_orders": row.money.estimated,  # no status yet: as planned, or catalogue
         "uncosted_orders": row.money.uncosted,  # neither: not in `cost`
         "add_attempts": row.add_attempts,
         "add_success_rate": row.add_success_rate,
@@ -140,7 +140,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
     cells = [_provider_cells(row, now) for row in rows]
     print_table(cells, list(cells[0]) if cells else ["provider"])
     if any(row.money.estimated for row in rows):
-        print("* includes orders without a status yet, costed at the catalogue rate")
+        print("* includes orders without a status yet, costed as planned or at the catalogue rate")
     if any(row.money.uncosted for row in rows):
         print("some orders have no cost yet and no catalogue rate: not in cost or margin")
     return 0

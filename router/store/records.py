@@ -351,9 +351,9 @@ class ProviderMargin:
     provider: str
     orders: int  # placed at the provider
     revenue: int  # what resellers paid: charges minus refunds, minor units
-    cost: int  # recorded upstream costs, plus catalogue estimates where none is recorded yet
-    estimated: int  # orders whose cost is a catalogue estimate
-    uncosted: int  # orders with neither a recorded cost nor a catalogue rate (not in `cost`)
+    cost: int  # recorded upstream costs, else planned ones, else catalogue estimates
+    estimated: int  # orders whose cost is an estimate: as planned, or at the catalogue rate
+    uncosted: int  # orders with no recorded, planned or catalogue cost (not in `cost`)
 
     @property
     def margin(self) -> int:
@@ -382,7 +382,7 @@ class OrderMargin:
     provider: str | None
     charge: int
     refunded: int
-    cost: int | None  # None: neither recorded nor estimable
+    cost: int | None  # recorded, else as planned, else at the catalogue rate; None: none
     cost_estimated: bool
 
     @property

@@ -1,7 +1,8 @@
 """Reports: providers' money, margins, add outcomes (call latency: router.store.calls).
 
 Money and outcomes over a period read whole UTC days from the rollups that migration 0011's
-triggers keep, and only the partial days at the period's edges from the rows themselves.
+triggers keep (with 0015's planned costs), and only the partial days at the period's edges from
+the rows themselves.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ _RATE_TIMES_QUANTITY: Final = (
     f"CASE WHEN c.type IN ({_placeholders(len(_FLAT_TYPES))}) THEN c.rate * 1000 "
     "ELSE c.rate * o.quantity END"
 )
-# The same for a rollup row of migration 0011: its uncosted orders at the catalogue rate.
+# The same for a rollup row of migration 0011: its uncosted orders at the catalogue rate (those
+# with no planned cost either, since 0015).
 _RATE_TIMES_UNCOSTED: Final = (
     f"CASE WHEN c.type IN ({_placeholders(len(_FLAT_TYPES))}) THEN c.rate * 1000 * d.uncosted "
     "ELSE c.rate * d.uncosted_quantity END"
 )
+# An order with neither a recorded cost nor a planned one (migration 0015's `uncosted`).
+_UNPLANNED: Final = "coalesce(o.cost, o.estimated_cost) IS NULL"
 DAY_SECONDS: Final = 86400  # a UTC day, as migration 0011 numbers them: floor(t / 86400)
 _NO_LAST_DAY: Final = 2**40  # a day number past any time (a period without an end)
 
@@ -76,20 +80,26 @@ class ReportStore(Database):
         """Orders placed at `provider` created in [since, until): revenue, cost and margin.
 
         `to_base` converts the provider's currency into the config's (`fx`; 1 for the same).
-        An order without a recorded cost (no status yet) is costed at its upstream rate in the
-        stored catalogue; one without either is counted in `uncosted` and costs nothing here.
+        An order without a recorded cost (no status yet) is costed at the cost its route was
+        planned at when it was placed (`estimated_cost`, already in the config's currency):
+        what the provider charged then, whatever its rates are now. Only an order without that
+        either (imported, or from before it was recorded) is costed at its upstream rate in the
+        stored catalogue; one without any of them is counted in `uncosted` and costs nothing
+        here. `estimated` counts the orders costed by either estimate.
 
         The whole UTC days of the period are read from migration 0011's rollup (a row per day
-        and route), the partial days at its edges from the orders themselves by their creation
-        time (orders_by_provider): the same figures as summing every order of the period.
+        and route; its planned costs since 0015), the partial days at its edges from the orders
+        themselves by their creation time (orders_by_provider): the same figures as summing
+        every order of the period.
         """
         first, last = _whole_days(since, until)
         sums = [0] * 6
         if first < last:
             rows = await self._reader.execute_fetchall(
                 f"SELECT coalesce(sum(d.orders), 0), coalesce(sum(d.revenue), 0), "
-                f"coalesce(sum(d.cost), 0), "
-                f"coalesce(sum(CASE WHEN c.rate IS NOT NULL THEN d.uncosted END), 0), "
+                f"coalesce(sum(d.cost + d.planned_cost), 0), "
+                f"coalesce(sum(d.planned + CASE WHEN c.rate IS NOT NULL THEN d.uncosted "
+                f"ELSE 0 END), 0), "
                 f"coalesce(sum({_RATE_TIMES_UNCOSTED}), 0), "
                 f"coalesce(sum(CASE WHEN c.rate IS NULL THEN d.uncosted END), 0) "
                 f"FROM provider_order_days d LEFT JOIN route_catalogue c "
@@ -101,10 +111,11 @@ class ReportStore(Database):
         for start, end in _edges(since, until, first, last):
             rows = await self._reader.execute_fetchall(
                 f"SELECT count(*), coalesce(sum(o.charge - o.refunded), 0), "
-                f"coalesce(sum(o.cost), 0), "
-                f"coalesce(sum(o.cost IS NULL AND c.rate IS NOT NULL), 0), "
-                f"coalesce(sum(CASE WHEN o.cost IS NULL THEN {_RATE_TIMES_QUANTITY} END), 0), "
-                f"coalesce(sum(o.cost IS NULL AND c.rate IS NULL), 0) "
+                f"coalesce(sum(coalesce(o.cost, o.estimated_cost)), 0), "
+                f"coalesce(sum(o.cost IS NULL "
+                f"AND coalesce(o.estimated_cost, c.rate) IS NOT NULL), 0), "
+                f"coalesce(sum(CASE WHEN {_UNPLANNED} THEN {_RATE_TIMES_QUANTITY} END), 0), "
+                f"coalesce(sum({_UNPLANNED} AND c.rate IS NULL), 0) "
                 f"FROM orders o INDEXED BY orders_by_provider LEFT JOIN route_catalogue c "
                 f"ON c.provider = o.provider AND c.service = o.upstream_service "
                 f"WHERE o.provider = ? AND o.created_at >= ? AND o.created_at < ? "
@@ -112,12 +123,12 @@ class ReportStore(Database):
                 (*_FLAT_TYPES, provider, start, end),
             )
             sums = [a + b for a, b in zip(sums, rows[0], strict=True)]  # type: ignore[index]
-        orders, revenue, recorded, estimated, milli, uncosted = sums
+        orders, revenue, known, estimated, milli, uncosted = sums  # known: recorded or planned
         return ProviderMargin(
             provider=provider,
             orders=orders,
             revenue=revenue,
-            cost=recorded + _estimate(milli, to_base),
+            cost=known + _estimate(milli, to_base),
             estimated=estimated,
             uncosted=uncosted,
         )
@@ -125,10 +136,12 @@ class ReportStore(Database):
     async def order_margin(self, order_id: int, to_base: Decimal) -> OrderMargin | None:
         """One order's revenue (charge minus refunds), cost and margin; None if unknown.
 
+        Its cost is the recorded one, else the one its route was planned at (`estimated_cost`),
+        else its upstream rate in the stored catalogue (`cost_estimated` for either estimate).
         `to_base` converts the currency of the provider holding the order into the config's.
         """
         rows = await self._reader.execute_fetchall(
-            f"SELECT o.id, o.provider, o.charge, o.refunded, o.cost, "
+            f"SELECT o.id, o.provider, o.charge, o.refunded, o.cost, o.estimated_cost, "
             f"CASE WHEN c.rate IS NOT NULL THEN {_RATE_TIMES_QUANTITY} END "
             f"FROM orders o LEFT JOIN route_catalogue c "
             f"ON c.provider = o.provider AND c.service = o.upstream_service WHERE o.id = ?",
@@ -136,15 +149,16 @@ class ReportStore(Database):
         )
         if not rows:
             return None
-        order, provider, charge, refunded, cost, milli = rows[0]  # type: ignore[index]
-        estimated = cost is None and milli is not None
+        order, provider, charge, refunded, cost, planned, milli = rows[0]  # type: ignore[index]
+        if cost is None and planned is None and milli is not None:
+            planned = _estimate(milli, to_base)
         return OrderMargin(
             order_id=order,
             provider=provider,
             charge=charge,
             refunded=refunded,
-            cost=_estimate(milli, to_base) if estimated else cost,
-            cost_estimated=estimated,
+            cost=planned if cost is None else cost,
+            cost_estimated=cost is None and planned is not None,
         )
 
     async def add_outcomes(

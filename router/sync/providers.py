@@ -28,9 +28,9 @@ routes at once): it is held back and accepted only when the next fetch lists the
 Every REFRESH_INTERVAL the fleet re-reads what the store knows better than memory: the quality
 outcomes, and the spend of a new UTC day.
 
-Until a status answer records an order's real cost, the `providers` report costs it at its
-route's catalogue rate now (Store.provider_margin); the spend cap counts it at the cost it was
-planned at (router.fleet).
+Until a status answer records an order's real cost, the `providers` report and the spend cap
+both count it at the cost it was planned at (Store.provider_margin, router.fleet); the report
+costs an order without one (imported) at its route's catalogue rate now.
 """
 
 from __future__ import annotations
