@@ -46,7 +46,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 from urllib.parse import urlencode
 
 import aiohttp
@@ -436,38 +436,40 @@ def cpu_ceiling(rounds: list[tuple[Measured, Measured]]) -> str:
     )
 
 
-def commits_of(log: Path) -> str:
-    """Writes per commit, from the `store_closed` line the router logs as it stops."""
+def store_closed(log: Path) -> dict[str, Any]:
+    """The `store_closed` line the router logs as it stops (empty if there is none)."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if isinstance(entry, dict) and entry.get("event") == "store_closed":
-                commits, writes = int(entry["commits"]), int(entry["writes"])
-                return (
-                    f"{commits:,} commits for {writes:,} writes: "
-                    f"{writes / max(commits, 1):.1f} writes per commit "
-                    f"(an order is two: its reserve and its settle)"
-                )
-    return "unknown (the router logged no store_closed line)"
+                return entry
+    return {}
 
 
-def writer_of(log: Path) -> str:
-    """The writer's time per batch, from the same `store_closed` line: the wall time of a
-    batch beyond its thread's CPU is waiting, for the disk (its commit) and for the GIL."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("event") == "store_closed":
-                batches = max(int(entry["batches"]), 1)
-                busy, cpu = float(entry["writer_busy_seconds"]), float(entry["writer_cpu_seconds"])
-                return (
-                    f"over the whole run (every load, one connection too), {batches:,} batches, "
-                    f"{1000 * busy / batches:.2f} ms each, of which {1000 * cpu / batches:.2f} ms "
-                    f"is its thread's CPU; the rest ({1 - cpu / max(busy, 1e-9):.0%}) is waiting: "
-                    f"for each commit's fsync, and for the GIL while the event loop's thread "
-                    f"runs Python"
-                )
-    return "unknown (the router logged no store_closed line with the writer's times)"
+def commits_of(closed: dict[str, Any]) -> str:
+    """Writes per commit, from the `store_closed` line."""
+    if "commits" not in closed:
+        return "unknown (the router logged no store_closed line)"
+    commits, writes = int(closed["commits"]), int(closed["writes"])
+    return (
+        f"{commits:,} commits for {writes:,} writes: {writes / max(commits, 1):.1f} writes per "
+        f"commit (an order is two: its reserve and its settle)"
+    )
+
+
+def writer_of(closed: dict[str, Any]) -> str:
+    """The writer's time per batch, from the same line: the wall time of a batch beyond its
+    thread's CPU is waiting, for the disk (its commit) and for the GIL."""
+    if "writer_busy_seconds" not in closed:
+        return "unknown (the router logged no store_closed line with the writer's times)"
+    batches = max(int(closed["batches"]), 1)
+    busy, cpu = float(closed["writer_busy_seconds"]), float(closed["writer_cpu_seconds"])
+    return (
+        f"over the whole run (every load, one connection too), {batches:,} batches, "
+        f"{1000 * busy / batches:.2f} ms each, of which {1000 * cpu / batches:.2f} ms is its "
+        f"thread's CPU; the rest ({1 - cpu / max(busy, 1e-9):.0%}) is waiting: for each "
+        f"commit's fsync, and for the GIL while the event loop's thread runs Python"
+    )
 
 
 def ledger_check(database: Path) -> tuple[bool, str]:
@@ -615,8 +617,8 @@ async def run(seconds: float, connections: int, generator: str, rounds_wanted: i
                 rounds.append(loads)
         exact, ledger = ledger_check(database)
         router_err.close()
-        commits = commits_of(router_log)
-        writer = writer_of(router_log)
+        closed = store_closed(router_log)
+        commits, writer = commits_of(closed), writer_of(closed)
         floor = await store_floor(database, Path(folder))
     print(f"load average after: {load_average()}")
     print()

@@ -24,7 +24,7 @@ from router.routing import upstream_cost
 from router.store import Attempt, NewOrder, RouteListing, StatusRecord, Store
 from router.store.database import _migrations, _split_sql
 from tests.test_at_scale import scans
-from tests.test_report_rollups import DAY, recomputed_days, reference_margin, stored_days
+from tests.test_report_rollups import DAY, expected_margin, recomputed_days, stored_days
 
 FX = Decimal("1.08")  # the provider bills in another currency: the report converts its rates
 
@@ -71,18 +71,13 @@ class Reports:
         got = await store.provider_margin(provider, FX, since=since, until=until)
         read = {t for t in ("provider_order_days", "orders") if self._read(t)}
         with contextlib.closing(sqlite3.connect(self.database)) as db:
-            orders, revenue, known, estimated, milli, uncosted = reference_margin(
-                db, provider, since, until
-            )
-        cost = known + int((Decimal(milli) * FX / 1000).to_integral_value(rounding="ROUND_HALF_UP"))
+            expected = expected_margin(db, provider, since, until, FX)
         # Equal to the sum over every order of the period, whichever path took it.
-        assert (got.orders, got.revenue, got.cost, got.estimated, got.uncosted) == (
-            orders,
-            revenue,
-            cost,
-            estimated,
-            uncosted,
-        ), (provider, since, until)
+        assert (got.orders, got.revenue, got.cost, got.estimated, got.uncosted) == expected, (
+            provider,
+            since,
+            until,
+        )
         return got.cost, got.estimated, got.uncosted, read
 
     def _read(self, table: str) -> bool:
