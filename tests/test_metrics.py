@@ -415,8 +415,10 @@ def _gauges(metrics: Metrics) -> Samples:
 
 
 async def test_held_ages_and_the_oldest_held_order_from_the_database(tmp_path: Path) -> None:
-    """Held orders are aged from their reseller's `add`, as `orders held` shows it."""
-    store = await Store.open(tmp_path / "router.db")
+    """Held orders are aged from their reseller's `add`, as `orders held` shows it, from the
+    index of held orders alone (every scrape reads them)."""
+    statements: list[str] = []
+    store = await Store.open(tmp_path / "router.db", trace=statements.append)
     metrics = Metrics(CollectorRegistry(), providers=["alpha"], currency="USD")
     try:
         reseller = await store.create_reseller("acme", "hash", 0)
@@ -447,6 +449,10 @@ async def test_held_ages_and_the_oldest_held_order_from_the_database(tmp_path: P
         }
         assert by_age == {"lt_1h": 2, "1h_6h": 2, "6h_24h": 1, "gt_24h": 2}
         assert scraped[("smm_router_orders_held_oldest_age_seconds", frozenset())] == 200_000
+        [ages_read] = [sql for sql in statements if "min(created_at)" in sql]
+        with contextlib.closing(sqlite3.connect(tmp_path / "router.db")) as db:
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {ages_read}")]
+        assert plan == ["SEARCH orders USING COVERING INDEX orders_held (state=?)"]
 
         def cancel_held(db: sqlite3.Connection) -> None:
             db.execute("UPDATE orders SET state = 'canceled' WHERE state = 'held'")

@@ -352,6 +352,9 @@ RELEASED_MIGRATIONS = {
     "0012_call_rollups.sql": "3a43b561d06d270d107cfaf4e5dc1759f53d8c0960c323476b40b37ae0e9ebc4",
     "0014_call_hours.sql": "2928c4fcaa13dd6ebe6bdf2e7ed3f49ceaf41ff35950db687d5a3613986a05a6",
     "0015_planned_costs.sql": "269f00daaef982b9284aaa76d58e991c3a0ddbc86a9f1bb7847846ff8e98bd30",
+    "0016_held_ages_from_the_index.sql": (
+        "c808bcbda732976c6c17028fcdb8d989b8de8a2dae8061004b5de35f72099ce1"
+    ),
 }
 
 

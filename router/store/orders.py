@@ -304,7 +304,8 @@ class OrderStore(Database):
         reseller's `add` (created_at), as `smm-router orders held` shows it: the reseller has
         seen Pending, and its funds have been reserved, since then.
 
-        One statement through orders_held: held orders are few, each is read once.
+        One statement, from orders_held alone (it holds created_at since migration 0016): each
+        held order is one entry of the index, and the table is not read.
         """
         older = "".join(", coalesce(sum(created_at <= ?), 0)" for _ in ages)
         rows = await self._reader.execute_fetchall(
