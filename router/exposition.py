@@ -57,37 +57,41 @@ class Exposition:
 
     def render(self) -> bytes:
         lines: list[str] = []
-        series = self._series
         for metric in self._registry.collect():
-            samples = metric.samples
-            if not _plain(metric, samples):
-                lines.append(generate_latest(_One(metric)).decode("utf-8"))
-                continue
-            lines.append(self._head(metric))
-            for sample in samples:
-                prefix = series.get((sample.name, tuple(sample.labels.items())))
-                if prefix is None:
-                    prefix = self._prefix(metric, sample)
-                lines.append(f"{prefix}{_go_float(sample.value)}\n")
+            kept = self._lines(metric) if _plain(metric, metric.samples) else None
+            lines.extend(kept if kept is not None else [_whole(metric)])
         return "".join(lines).encode("utf-8")
+
+    def _lines(self, metric: Metric) -> list[str] | None:
+        """`metric`'s lines from the kept texts (those it lacks made now); None when one of
+        its series cannot be kept (see _prefix)."""
+        series = self._series
+        lines = [self._head(metric)]
+        for sample in metric.samples:
+            prefix = series.get((sample.name, tuple(sample.labels.items())))
+            if prefix is None and (prefix := self._prefix(metric, sample)) is None:
+                return None
+            lines.append(f"{prefix}{_go_float(sample.value)}\n")
+        return lines
 
     def _head(self, metric: Metric) -> str:
         key = (metric.name, metric.type, metric.documentation, metric.unit)
         head = self._heads.get(key)
         if head is None:
-            empty = Metric(metric.name, metric.documentation, metric.type, metric.unit)
-            head = generate_latest(_One(empty)).decode("utf-8")
+            head = _whole(Metric(metric.name, metric.documentation, metric.type, metric.unit))
             self._keep(self._heads, key, head)
         return head
 
-    def _prefix(self, metric: Metric, sample: Sample) -> str:
-        """The text of `sample`'s series, rendered by the library alone and kept."""
+    def _prefix(self, metric: Metric, sample: Sample) -> str | None:
+        """The text of `sample`'s series, rendered by the library alone and kept; None if the
+        library writes it in a way this cannot cut (a version that changed its layout): the
+        metric is then rendered whole by the library, as exactly, only not as fast."""
         alone = Metric(metric.name, metric.documentation, metric.type, metric.unit)
         alone.samples = [Sample(sample.name, sample.labels, _PLACEHOLDER)]
-        text, head = generate_latest(_One(alone)).decode("utf-8"), self._head(metric)
+        text, head = _whole(alone), self._head(metric)
         value = f" {_go_float(_PLACEHOLDER)}\n"
-        if not (text.startswith(head) and text.endswith(value)):  # the library changed
-            raise RuntimeError(f"unexpected exposition of one sample: {text!r}")
+        if not (text.startswith(head) and text.endswith(value)):
+            return None
         prefix = text[len(head) : -len(value) + 1]  # the space before the value kept
         self._keep(self._series, (sample.name, tuple(sample.labels.items())), prefix)
         return prefix
@@ -97,6 +101,11 @@ class Exposition:
         if len(cache) >= MAX_KEPT:
             cache.clear()
         cache[key] = text
+
+
+def _whole(metric: Metric) -> str:
+    """`metric` as the library renders it."""
+    return generate_latest(_One(metric)).decode("utf-8")
 
 
 def _plain(metric: Metric, samples: list[Sample]) -> bool:

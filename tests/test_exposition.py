@@ -143,3 +143,15 @@ async def test_the_router_scrape_is_what_generate_latest_writes(
             body = await response.read()
             assert body == generate_latest(router.registry)
             assert b'smm_router_upstream_requests_total{action="add",outcome="accepted"' in body
+
+
+def test_a_series_it_cannot_cut_leaves_its_metric_to_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should a prometheus-client version write a sample in a layout the Exposition cannot cut
+    (its `_prefix` answers None), each metric is rendered whole by the library: the same text."""
+    registry, _, _ = registry_with_everything()
+    monkeypatch.setattr(Exposition, "_prefix", lambda self, metric, sample: None)
+    exposition = Exposition(registry)
+    assert exposition.render() == generate_latest(registry)
+    assert not exposition._series
