@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1112,6 +1113,28 @@ async def test_the_key_never_shows_in_errors(client: tuple[FakeUpstream, Upstrea
     errors.append(garbage.value)
     for error in errors:
         assert_no_key(error, error.message, error.args, error.__cause__, error.__context__)
+
+
+async def test_a_short_key_is_redacted_only_where_it_stands_alone(
+    fake: tuple[FakeUpstream, Provider], session: aiohttp.ClientSession
+) -> None:
+    """A key of a few characters is still cut out of what an answer echoes, and never out of
+    the answer's own words and numbers: "k" is in "Package", "1234" in order 12345."""
+    upstream, config = fake
+    for key in ("k", "1234"):
+        short = UpstreamClient(replace(config, key=Secret(key)), session)
+        upstream.answer("add", {"order": 12345})
+        assert (await short.add(ORDER)).upstream_order == 12345
+        upstream.answer("services", [{**SERVICE, "name": "Package 1234 k", "type": "Package"}])
+        [listed] = await short.services()
+        assert listed.type == "Package"
+        assert listed.name == "Package ********** k" if key == "1234" else "Package 1234 **********"
+        upstream.answer("add", {"error": f"Invalid API key {key}"})
+        assert (await short.add(ORDER)).error == "Invalid API key **********"
+        upstream.answer("add", f"<b>Fatal</b> (action=add, key={key})".encode(), 500, "text/html")
+        result = await short.add(ORDER)
+        assert result.outcome is Outcome.AMBIGUOUS and result.error is not None
+        assert f"key={key})" not in result.error and "key=**********)" in result.error
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -61,6 +62,18 @@ T = TypeVar("T")
 QUOTED_KEPT: Final = 4096
 QUOTED_KEPT_CHARS: Final = 64  # a longer field (a link, comments) is quoted each time
 _quoted_short: Final = functools.lru_cache(maxsize=QUOTED_KEPT)(quote_plus)
+
+
+@functools.lru_cache(maxsize=64)
+def _standalone(key: str) -> re.Pattern[bytes]:
+    """`key` where no ASCII letter or digit touches it on either side, in an answer's bytes."""
+    return re.compile(rb"(?<![0-9A-Za-z])" + re.escape(key.encode("utf-8")) + rb"(?![0-9A-Za-z])")
+
+
+@functools.lru_cache(maxsize=64)
+def _standalone_text(key: str) -> re.Pattern[str]:
+    """The same, in a text."""
+    return re.compile(r"(?<![0-9A-Za-z])" + re.escape(key) + r"(?![0-9A-Za-z])")
 
 
 def form_body(form: Mapping[str, str]) -> bytes:
@@ -308,13 +321,22 @@ class UpstreamClient:
         raise failure  # outside the handler: aiohttp's text may show the URL, ours is redacted
 
     def _redact(self, text: str) -> str:
+        """The key out of an error text, where it stands alone (as in `_redact_body`)."""
         key = self._provider.key.value
-        return text.replace(key, _REDACTED) if key else text
+        if not key or key not in text:
+            return text
+        return _standalone_text(key).sub(_REDACTED, text)
 
     def _redact_body(self, body: bytes) -> bytes:
-        """`_redact` on the answer as sent, before it is decoded (see parse_answer)."""
-        key = self._provider.key.value.encode("utf-8")
-        return body.replace(key, _REDACTED.encode()) if key else body
+        """The key out of the answer as sent, before it is decoded (see parse_answer): each
+        place it stands alone, not inside a longer word or number. A key of a few characters
+        ("k", "1234") would otherwise be cut out of the answer's own words and IDs ("Package",
+        an order 12345), and the answer read wrong; a key that an error echoes stands between
+        spaces, quotes or `=` and `&`."""
+        key = self._provider.key.value
+        if not key or key.encode("utf-8") not in body:  # nearly always: nothing to look at
+            return body
+        return _standalone(key).sub(_REDACTED.encode(), body)
 
     def _record(self, action: str, started: float, latency: float, outcome: Outcome) -> None:
         if self._on_call is None:
