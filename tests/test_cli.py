@@ -66,7 +66,10 @@ def test_clients_life(config_file: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert created["name"] == "acme" and created["balance"] == "25.50"
     assert len(created["key"]) >= 32
 
-    assert run(capsys, "clients", "topup", "acme", "4.50", *c)[0] == 0
+    code, out, _ = run(capsys, "clients", "topup", "acme", "4.50", "--json", *c)
+    topped = json.loads(out)
+    assert code == 0 and topped["enabled"] is True  # a JSON boolean, as `add` and `list` write
+    assert topped == {"id": created["id"], "name": "acme", "enabled": True, "balance": "30.00"}
     code, out, _ = run(capsys, "clients", "list", "--json", *c)
     assert json.loads(out) == [
         {"id": created["id"], "name": "acme", "enabled": True, "balance": "30.00", "orders": 0}
@@ -83,6 +86,16 @@ def test_clients_life(config_file: Path, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run(capsys, "clients", "list", *c)
     assert "acme" in out and "30.00" in out and created["key"] not in out
 
+    code, out, _ = run(capsys, "clients", "disable", "acme", "--json", *c)
+    disabled = json.loads(out)
+    assert code == 0 and disabled["enabled"] is False
+    assert disabled == {
+        "id": created["id"],
+        "name": "acme",
+        "enabled": False,
+        "balance": "30.00",
+    }
+
 
 def test_check(config_file: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "check", "--config", str(config_file))
@@ -95,6 +108,24 @@ def test_check(config_file: Path, capsys: pytest.CaptureFixture[str], tmp_path: 
     assert code == 1
     assert "services.1.rate" in err
     assert "services.1.route[0].provider" in err
+    # With --json: the one document on stdout, every problem in it, for scripts.
+    code, out, err = run(capsys, "check", "--json", "--config", str(bad))
+    assert code == 1 and err == ""
+    document = json.loads(out)
+    assert document["ok"] is False
+    paths = {problem["path"] for problem in document["problems"]}
+    assert {"services.1.rate", "services.1.route[0].provider"} <= paths
+    assert {problem["kind"] for problem in document["problems"]} == {"config"}
+    assert all(problem["message"] for problem in document["problems"])
+    missing = tmp_path / "missing.yaml"
+    code, out, err = run(capsys, "check", "--json", "--config", str(missing))
+    assert code == 1 and err == ""
+    assert json.loads(out) == {
+        "ok": False,
+        "problems": [
+            {"path": str(missing), "kind": "unreadable", "message": "No such file or directory"}
+        ],
+    }
 
 
 async def test_running_server_sees_cli_changes_at_once(

@@ -19,7 +19,7 @@ from router.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from router.store import Reseller
+    from router.store import Reseller, Store
 
 
 def _reseller_json(reseller: Reseller, key: str | None = None) -> dict[str, Any]:
@@ -86,8 +86,16 @@ def cmd_clients_topup(args: argparse.Namespace) -> int:
 
 def cmd_clients_disable(args: argparse.Namespace) -> int:
     config = load_config(args)
-    run(with_store(config, lambda store: store.set_enabled(args.name, False)))
-    print(f"{args.name}: disabled; its key is refused from now on")
+
+    async def disable(store: Store) -> Reseller | None:
+        await store.set_enabled(args.name, False)
+        return await store.reseller_by_name(args.name)
+
+    reseller = run(with_store(config, disable))
+    if args.json and reseller is not None:
+        print(json.dumps(_reseller_json(reseller)))
+    else:
+        print(f"{args.name}: disabled; its key is refused from now on")
     return 0
 
 

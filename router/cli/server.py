@@ -92,7 +92,13 @@ def run_until_signal(work: Awaitable[None], args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    if args.json:  # one JSON document, for a config that cannot be used too
+        config, refused = _config_or_problems(args)
+        if config is None:
+            print(json.dumps({"ok": False, "problems": refused}))
+            return 1
+    else:
+        config = load_config(args)
     orphans = _orphaned_orders(config)
     if args.online:
         return _check_online(config, as_json=args.json, problems=orphans)
@@ -107,6 +113,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"database {config.database}"
     )
     return 1 if orphans else 0
+
+
+def _config_or_problems(args: argparse.Namespace) -> tuple[Config | None, list[dict[str, str]]]:
+    """The config, or else every problem that makes it unusable, as `check --json` shows a
+    problem (kind `config`, or `unreadable` for a file that cannot be read at all)."""
+    from router import config as config_module
+
+    path = config_path(args)
+    try:
+        return config_module.load(path), []
+    except config_module.ConfigUnreadable as exc:
+        return None, [{"path": str(path), "kind": "unreadable", "message": exc.reason}]
+    except config_module.ConfigError as exc:
+        problems = []
+        for error in exc.errors:  # "<path>: <message>"
+            where, _, message = error.partition(": ")
+            problems.append({"path": where, "kind": "config", "message": message or where})
+        return None, problems
 
 
 def _orphaned_orders(config: Config) -> list[Problem]:

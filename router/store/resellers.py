@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from typing import Any
 
 from router.store.database import Database, StoreError, _reason
 from router.store.records import LedgerEntry, Reseller, ResellerSummary
@@ -43,13 +44,13 @@ class ResellerStore(Database):
             "SELECT id, name, enabled, balance FROM resellers WHERE key_hash = ? AND enabled = 1",
             (key_hash,),
         )
-        return Reseller(*rows[0]) if rows else None
+        return _reseller(rows[0]) if rows else None
 
     async def reseller_by_name(self, name: str) -> Reseller | None:
         rows = await self._reader.execute_fetchall(
             "SELECT id, name, enabled, balance FROM resellers WHERE name = ?", (name,)
         )
-        return Reseller(*rows[0]) if rows else None  # type: ignore[index]
+        return _reseller(rows[0]) if rows else None  # type: ignore[index]
 
     async def list_resellers(self) -> list[ResellerSummary]:
         """Every reseller with its orders (not failed) and its ledger sum, from the totals that
@@ -111,3 +112,9 @@ class ResellerStore(Database):
             "SELECT coalesce(sum(amount), 0) FROM ledger WHERE reseller_id = ?", (reseller_id,)
         )
         return int(rows[0][0])  # type: ignore[index]
+
+
+def _reseller(row: Any) -> Reseller:
+    """A resellers row (id, name, enabled, balance): SQLite keeps `enabled` as 0 or 1."""
+    reseller_id, name, enabled, balance = row
+    return Reseller(reseller_id, name, bool(enabled), balance)
