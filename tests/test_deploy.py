@@ -111,6 +111,21 @@ def test_every_alert_has_a_summary_a_runbook_and_a_severity() -> None:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
 
 
+def test_the_log_lines_a_runbook_names_are_lines_the_router_logs() -> None:
+    """A runbook that sends the operator to the log's `some_event` lines names an event the
+    router logs (a string it passes to a logger), not one that was renamed or never was."""
+    router = REPO / "router"
+    source = "\n".join(path.read_text() for path in sorted(router.rglob("*.py")))
+    named = {
+        event
+        for rule in _rules()
+        for event in re.findall(r"`([a-z]+(?:_[a-z]+)+)` lines?", rule["annotations"]["runbook"])
+    }
+    assert named  # the runbooks do send the operator to the log
+    missing = {event for event in named if f'"{event}"' not in source}
+    assert not missing, f"runbooks name log lines the router never writes: {sorted(missing)}"
+
+
 def test_alerts_use_the_design_metric_names_as_exposed() -> None:
     exposed = _exposed_names()
     used = {name for rule in _rules() for name in re.findall(r"\bsmm_router_\w+", rule["expr"])}
