@@ -41,8 +41,13 @@ async def test_a_cancelled_transaction_never_leaves_one_open(store: Store, yield
     task = asyncio.create_task(store.record_calls([_call()]))
     for _ in range(yields):
         await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    # On a fast machine the writer may have committed the batch and answered within the
+    # yields: then there is nothing left to cancel, cancel() says so, and the batch is there.
+    # Where the cancel took, the caller must see it.
+    if task.cancel():
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
         await task
     await store.record_calls([_call(), _call()])  # "cannot start a transaction" if one is open
     assert await store.count_calls() in (2, 3)  # the cancelled batch is all there or not at all
