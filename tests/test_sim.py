@@ -428,7 +428,7 @@ async def test_slow_creates_the_order(http: aiohttp.ClientSession, sim: SimProvi
         async with http.post(sim.url, data=data, timeout=aiohttp.ClientTimeout(total=0.05)):
             pass
     assert sim.orders == {}
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: sim.orders, "the slow order created after its sleep")
     assert list(sim.orders) == [1000]  # the client gave up, yet the order exists
     assert await add(http, sim, quantity=100) == {"order": 1001}
 
@@ -525,11 +525,14 @@ async def test_serve_from_args(
     args = parser.parse_args(["--port", "0", "--key", KEY, "--fault", "101=refuse"])
     assert (args.host, args.balance, args.faults) == ("127.0.0.1", Decimal(1000), [(101, "refuse")])
     task = asyncio.create_task(serve_from_args(args))
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        found = re.search(r"http://\S+/api/v2", capsys.readouterr().out)
-        if found:
-            break
+    printed: list[str] = []
+
+    def url() -> re.Match[str] | None:
+        printed.append(capsys.readouterr().out)
+        return re.search(r"http://\S+/api/v2", "".join(printed))
+
+    await wait_for(url, "the simulator to print its URL")
+    found = url()
     assert found
     async with http.post(found[0], data={"key": KEY, "action": "balance"}) as response:
         assert json.loads(await response.text()) == {"balance": "1000.00", "currency": "USD"}
