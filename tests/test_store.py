@@ -44,13 +44,15 @@ async def test_a_cancelled_transaction_never_leaves_one_open(store: Store, yield
     # On a fast machine the writer may have committed the batch and answered within the
     # yields: then there is nothing left to cancel, cancel() says so, and the batch is there.
     # Where the cancel took, the caller must see it.
-    if task.cancel():
+    cancelled = task.cancel()
+    if cancelled:
         with pytest.raises(asyncio.CancelledError):
             await task
     else:
         await task
     await store.record_calls([_call(), _call()])  # "cannot start a transaction" if one is open
-    assert await store.count_calls() in (2, 3)  # the cancelled batch is all there or not at all
+    # The cancelled batch is all there or not at all; one that had ended is there.
+    assert await store.count_calls() in ((2, 3) if cancelled else (3,))
 
 
 async def test_a_cancelled_caller_s_write_runs_to_its_end(store: Store) -> None:
